@@ -1,0 +1,52 @@
+"""One pretraining epoch: mask, encode, decode, regress this epoch's target, step, update target."""
+import sys
+import time
+from typing import Dict
+
+import torch
+from tqdm import tqdm
+
+from target_encoder import TargetEncoder
+from util.lr_sched import adjust_learning_rate
+
+
+def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optimizer,
+                    epoch: int, cfg, step: int, logger=None) -> Dict[str, float]:
+    """Train `model` (the unwrapped MaskedAutoencoderViT) for one epoch.
+
+    Args:
+        loader: yields (imgs (N, C, H, W) on device, labels); `set_epoch` already called.
+        step: global optimizer step at the start of the epoch (TensorBoard axis).
+    Returns:
+        epoch averages (loss, target/prediction spread), last lr, images/s, seconds.
+    """
+    model.train()
+    heads = target.heads(epoch)
+    n_steps = len(loader)
+    # Running sums stay on the device: reading them costs a host sync, done every print_freq.
+    sums: Dict[str, torch.Tensor] = {}
+    lr = 0.0
+    t0 = time.time()
+    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=None, file=sys.stderr)
+    for i, (imgs, _) in enumerate(bar):
+        lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
+        preds, mask = model(imgs, cfg.mask_ratio, heads)
+        loss, stats = target.loss(model, imgs, preds, mask, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        target.on_step_end(epoch, model.encoder)
+
+        for key, value in {"loss": loss.detach(), **stats}.items():
+            sums[key] = sums[key] + value if key in sums else value.clone()
+        if (i + 1) % cfg.print_freq == 0:
+            loss_now = loss.item()  # host sync, once every print_freq steps
+            bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}")
+            if logger is not None:
+                logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i + 1)
+    seconds = time.time() - t0
+    out = {key: (value / max(n_steps, 1)).item() for key, value in sums.items()}
+    out.update(lr=lr, steps=n_steps, seconds=seconds,
+               images_per_s=n_steps * cfg.batch_size / max(seconds, 1e-9))
+    return out

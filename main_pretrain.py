@@ -1,0 +1,102 @@
+"""Pretrain an MAE on CIFAR-10 with a pixel, MAE-K or EMA target.
+
+    python main_pretrain.py --target pixel
+    python main_pretrain.py --target mae_k --k 10
+    python main_pretrain.py --target ema --tau 0.995 --wse 20
+    python main_pretrain.py --config configs/smoke.yaml --data_path D --output_dir O
+
+Rerunning the same command with the same output directory resumes from checkpoint-last.pth.
+"""
+import os
+import time
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+import engine_pretrain
+from models_mae import create_model
+from target_encoder import build_target
+from util.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from util.config import PretrainConfig, parse_config, save_yaml
+from util.datasets import dataset_stats, load_dataset, pretrain_transform
+from util.errors import UserError, cli
+from util.loader import TorchvisionLoader
+from util.logger import RunLogger
+from util.runtime import resolve_device, seed_epoch
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over every trainable parameter, both heads included, from step 0."""
+    groups = param_groups_weight_decay(
+        model, cfg.weight_decay, no_weight_decay_list=("encoder.cls_token", "mask_token"))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def find_resume(cfg) -> str:
+    if cfg.resume:
+        return cfg.resume
+    last = os.path.join(cfg.output_dir, "checkpoint-last.pth")
+    return last if os.path.isfile(last) else ""
+
+
+@cli
+def main(argv=None) -> None:
+    cfg = parse_config(PretrainConfig, "pretrain", argv)
+    device = resolve_device(cfg.device)
+    cfg.resolve(world_size=1)
+
+    images, labels, _ = load_dataset(cfg.dataset, cfg.data_path, train=True)
+    if len(images) < cfg.batch_size:
+        raise UserError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(images)} images)")
+    mean, std = dataset_stats(cfg.dataset)
+    model = create_model(cfg.model, img_size=images.shape[1], in_chans=images.shape[3]).to(device)
+    loader = TorchvisionLoader(images, labels, pretrain_transform(images.shape[1], mean, std),
+                               cfg.batch_size, device, cfg.seed, cfg.num_workers)
+    optimizer = build_optimizer(model, cfg)
+    target = build_target(cfg)
+
+    start_epoch, step = 0, 0
+    resume = find_resume(cfg)
+    if resume:
+        ckpt = load_checkpoint(resume, kind="pretrain")
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{resume}: does not match model {cfg.model} ({str(e).splitlines()[0]})")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        target.load_state_dict(ckpt["target"], model.encoder)
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        print(f"resumed from {resume} at epoch {start_epoch}")
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
+    logger = RunLogger(cfg.output_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{cfg.model} ({n_params / 1e6:.2f}M params) target={cfg.target} on {device}, "
+          f"{len(images)} images, {len(loader)} steps/epoch, lr {cfg.lr:.2e}, output {cfg.output_dir}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch)
+        loader.set_epoch(epoch)
+        refreshed = target.on_epoch_start(epoch, model.encoder)
+        stats = engine_pretrain.train_one_epoch(model, target, loader, optimizer, epoch, cfg, step, logger)
+        target.on_epoch_end(epoch, model.encoder)
+        step += stats.pop("steps")
+
+        state = {"kind": "pretrain", "model": model.state_dict(), "target": target.state_dict(),
+                 "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
+                 "config": cfg.to_dict(), "rng": rng_state()}
+        save_checkpoint(state, os.path.join(cfg.output_dir, "checkpoint-last.pth"))
+        if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs:
+            save_checkpoint(state, os.path.join(cfg.output_dir, f"checkpoint-{epoch + 1}.pth"))
+        record = {"epoch": epoch, **target.describe(epoch), "target_refreshed": refreshed,
+                  **stats, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        logger.epoch(record)
+        print(f"epoch {epoch}: loss {stats['loss']:.4f} ({record['regress']}) "
+              f"lr {stats['lr']:.2e} {stats['images_per_s']:.0f} img/s {stats['seconds']:.1f}s")
+    logger.close()
+    print(f"done: {os.path.join(cfg.output_dir, 'checkpoint-last.pth')}")
+
+
+if __name__ == "__main__":
+    main()

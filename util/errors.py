@@ -1,0 +1,20 @@
+"""User-facing errors: one line on stderr and exit code 2, never a traceback."""
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user (flag, config, data path, checkpoint). Exit code 2."""
+
+
+def cli(main: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a script's main so a UserError ends the process with one line and exit 2."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(2)
+    return wrapper
