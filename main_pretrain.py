@@ -20,7 +20,8 @@ from util.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from util.config import PretrainConfig, parse_config, save_yaml
 from util.datasets import dataset_stats, load_dataset, pretrain_transform
 from util.errors import UserError, cli
-from util.loader import TorchvisionLoader
+from util.knn import extract_features, knn_accuracy
+from util.loader import EvalLoader, TorchvisionLoader
 from util.logger import RunLogger
 from util.runtime import resolve_device, seed_epoch
 
@@ -30,6 +31,17 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     groups = param_groups_weight_decay(
         model, cfg.weight_decay, no_weight_decay_list=("encoder.cls_token", "mask_token"))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def knn_monitor(model, cfg, device, mean, std, num_classes: int) -> float:
+    """kNN accuracy of the online encoder's frozen features: train set -> test set."""
+    from models_vit import pool_tokens
+    encode = lambda x: pool_tokens(model.encoder.forward_features(x), cfg.knn_pool)  # noqa: E731
+    model.eval()
+    sets = [load_dataset(cfg.dataset, cfg.data_path, train=t)[:2] for t in (True, False)]
+    (tr_f, tr_y), (te_f, te_y) = [extract_features(encode, EvalLoader(x, y, cfg.batch_size, device, mean, std))
+                                  for x, y in sets]
+    return knn_accuracy(tr_f, tr_y, te_f, te_y, num_classes, cfg.knn_k, cfg.knn_t)
 
 
 def find_resume(cfg) -> str:
@@ -45,7 +57,7 @@ def main(argv=None) -> None:
     device = resolve_device(cfg.device)
     cfg.resolve(world_size=1)
 
-    images, labels, _ = load_dataset(cfg.dataset, cfg.data_path, train=True)
+    images, labels, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
     if len(images) < cfg.batch_size:
         raise UserError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(images)} images)")
     mean, std = dataset_stats(cfg.dataset)
@@ -91,9 +103,12 @@ def main(argv=None) -> None:
             save_checkpoint(state, os.path.join(cfg.output_dir, f"checkpoint-{epoch + 1}.pth"))
         record = {"epoch": epoch, **target.describe(epoch), "target_refreshed": refreshed,
                   **stats, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+            record["knn_acc"] = knn_monitor(model, cfg, device, mean, std, num_classes)
         logger.epoch(record)
         print(f"epoch {epoch}: loss {stats['loss']:.4f} ({record['regress']}) "
-              f"lr {stats['lr']:.2e} {stats['images_per_s']:.0f} img/s {stats['seconds']:.1f}s")
+              f"lr {stats['lr']:.2e} {stats['images_per_s']:.0f} img/s {stats['seconds']:.1f}s"
+              + (f" knn {record['knn_acc']:.2f}" if "knn_acc" in record else ""))
     logger.close()
     print(f"done: {os.path.join(cfg.output_dir, 'checkpoint-last.pth')}")
 

@@ -108,6 +108,10 @@ class PretrainConfig(RunConfig):
     ema_every: str = opt("epoch", "ema: update after every epoch or every optimizer step", ("epoch", "step"))
     epochs: int = opt(200, "pretraining epochs")
     warmup_epochs: int = opt(40, "linear warm-up epochs before the cosine decay")
+    knn_every: int = opt(0, "run the kNN monitor every N epochs and at the end (0: never)")
+    knn_pool: str = opt("cls", "kNN monitor features: cls token or mean of patch tokens", ("cls", "avg"))
+    knn_k: int = opt(20, "kNN: neighbours")
+    knn_t: float = opt(0.07, "kNN: temperature of the similarity weights")
 
     def validate(self) -> None:
         super().validate()
@@ -120,6 +124,9 @@ class PretrainConfig(RunConfig):
             (self.target != "ema" or 0 <= self.wse < self.epochs,
              f"wse must be in [0, epochs={self.epochs}), got {self.wse}"),
             (self.wse >= 0, f"wse must be >= 0, got {self.wse}"),
+            (self.knn_every >= 0, f"knn_every must be >= 0, got {self.knn_every}"),
+            (self.knn_k >= 1, f"knn_k must be >= 1, got {self.knn_k}"),
+            (self.knn_t > 0, f"knn_t must be > 0, got {self.knn_t}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -129,7 +136,90 @@ class PretrainConfig(RunConfig):
         return f"pretrain_{self.target}"
 
 
-SECTIONS: Dict[str, type] = {"pretrain": PretrainConfig}
+@dataclass
+class EvalConfig(RunConfig):
+    """Shared by fine-tuning and linear probing: which encoder to start from."""
+    model: str = opt("", "classifier in models_vit.MODELS (default: the pretraining checkpoint's "
+                         "encoder, else vit_tiny_patch4)")
+    finetune: str = opt("", "pretraining checkpoint whose encoder initialises the classifier "
+                            "(default: the newest output/*/checkpoint-last.pth of a pretraining run)")
+    checkpoint_key: str = opt("model", "encoder to take from it: online (model) or target", ("model", "target"))
+    from_scratch: bool = opt(False, "random initialisation, no pretraining (the report's baseline)")
+
+    def validate(self) -> None:
+        super().validate()
+        from models_vit import MODELS
+        if self.model and self.model not in MODELS:
+            raise UserError(f"unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}")
+        if self.from_scratch and self.finetune:
+            raise UserError("--from_scratch and --finetune exclude each other")
+
+
+@dataclass
+class FinetuneConfig(EvalConfig):
+    """main_finetune.py: the report's fine-tuning recipe (REFERENCE.md section 1)."""
+    epochs: int = opt(100, "fine-tuning epochs")
+    blr: float = opt(1e-3, "base learning rate: lr = blr * global batch / 256")
+    weight_decay: float = opt(0.05, "AdamW weight decay")
+    warmup_epochs: int = opt(5, "linear warm-up epochs before the cosine decay")
+    layer_decay: float = opt(0.75, "layer-wise lr decay: block i gets lr * layer_decay^(depth + 1 - i)")
+    drop_path: float = opt(0.1, "stochastic depth rate")
+    global_pool: bool = opt(True, "classify the mean of patch tokens (MAE's default) instead of the cls token")
+    smoothing: float = opt(0.1, "label smoothing")
+    aa: str = opt("rand-m9-mstd0.5-inc1", "timm RandAugment policy ('' for none)")
+    reprob: float = opt(0.25, "random erasing probability")
+    remode: str = opt("pixel", "random erasing fill mode", ("pixel", "rand", "const"))
+    mixup: float = opt(0.0, "mixup alpha (0: off)")
+    cutmix: float = opt(0.0, "cutmix alpha (0: off)")
+    mixup_prob: float = opt(1.0, "probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: float = opt(0.5, "probability of cutmix instead of mixup when both are on")
+    clip_grad: Optional[float] = opt(None, "clip the gradient norm to this value")
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [
+            (0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}"),
+            (0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}"),
+            (0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}"),
+            (0 <= self.reprob <= 1, f"reprob must be in [0, 1], got {self.reprob}"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
+            (0 <= self.mixup_prob <= 1, f"mixup_prob must be in [0, 1], got {self.mixup_prob}"),
+            (self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0, got {self.clip_grad}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    def default_run_name(self) -> str:
+        return "finetune"
+
+
+@dataclass
+class LinprobeConfig(EvalConfig):
+    """main_linprobe.py: frozen encoder, BatchNorm + linear head, LARS (REFERENCE.md section 1)."""
+    epochs: int = opt(100, "probe epochs")
+    blr: float = opt(0.1, "base learning rate: lr = blr * global batch / 256")
+    weight_decay: float = opt(0.0, "LARS weight decay")
+    warmup_epochs: int = opt(10, "linear warm-up epochs before the cosine decay")
+    pool: str = opt("cls", "probe features: cls token or mean of patch tokens", ("cls", "avg"))
+    aug: bool = opt(True, "RandomResizedCrop + flip on training images (ignored with --cached_features)")
+    cached_features: bool = opt(False, "fast path: extract features once, without augmentation, "
+                                       "and train the head on them")
+    knn: bool = opt(False, "also report weighted kNN accuracy of the frozen features")
+    knn_k: int = opt(20, "kNN: neighbours")
+    knn_t: float = opt(0.07, "kNN: temperature of the similarity weights")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.knn_k < 1 or self.knn_t <= 0:
+            raise UserError(f"knn_k must be >= 1 and knn_t > 0, got {self.knn_k}, {self.knn_t}")
+
+    def default_run_name(self) -> str:
+        return "linprobe"
+
+
+SECTIONS: Dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig,
+                             "linprobe": LinprobeConfig}
 
 
 # ---- parsing ----------------------------------------------------------------------------------

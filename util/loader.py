@@ -7,9 +7,30 @@ from typing import Iterator, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from util.datasets import ArrayDataset, seeded_generator
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch `epoch`: a function of (seed, epoch) only."""
+    return torch.randperm(n, generator=seeded_generator(seed, epoch))
+
+
+class PermutationSampler(Sampler):
+    """Yields `epoch_permutation(n, seed, epoch)`; `set_epoch` picks the epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
 
 
 class TorchvisionLoader:
@@ -19,15 +40,17 @@ class TorchvisionLoader:
                  device: torch.device, seed: int = 0, num_workers: int = 4, shuffle: bool = True,
                  drop_last: bool = True):
         self.device, self.seed = device, seed
+        self.sampler = PermutationSampler(len(images), seed) if shuffle else None
+        # Worker processes draw their augmentation seeds from this generator, reseeded per epoch.
         self.generator = seeded_generator(seed, 0)
-        dataset = ArrayDataset(images, labels, transform)
-        sampler = RandomSampler(dataset, generator=self.generator) if shuffle else None
         # drop_last keeps every step the same shape (no recompiles, no tiny last batch).
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                 drop_last=drop_last, num_workers=num_workers,
+        self.loader = DataLoader(ArrayDataset(images, labels, transform), batch_size=batch_size,
+                                 sampler=self.sampler, drop_last=drop_last, num_workers=num_workers,
                                  generator=self.generator, pin_memory=device.type == "cuda")
 
     def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
         self.generator.manual_seed(seeded_generator(self.seed, epoch).initial_seed())
 
     def __len__(self) -> int:
@@ -37,3 +60,48 @@ class TorchvisionLoader:
         for imgs, labels in self.loader:
             yield (imgs.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+
+
+class EvalLoader:
+    """Unaugmented, in-order batches: uint8 images moved to the device once, normalised per batch.
+
+    Used for test-set evaluation, feature extraction and kNN; no workers, no PIL.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 device: torch.device, mean, std):
+        self.images = torch.from_numpy(images).to(device)  # (N, H, W, C) uint8
+        self.labels = torch.from_numpy(labels).to(device)
+        self.batch_size = batch_size
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return (len(self.images) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.images), self.batch_size):
+            x = self.images[i:i + self.batch_size].permute(0, 3, 1, 2).float()
+            yield (x - self.mean) / self.std, self.labels[i:i + self.batch_size]
+
+
+class TensorLoader:
+    """Shuffled mini-batches of in-memory tensors (cached features): same interface as above."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0,
+                 drop_last: bool = True):
+        self.x, self.y, self.batch_size, self.seed, self.drop_last = x, y, batch_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else (n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        perm = epoch_permutation(len(self.x), self.seed, self.epoch).to(self.x.device)
+        for i in range(len(self)):
+            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]

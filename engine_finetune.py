@@ -1,0 +1,115 @@
+"""Supervised loops shared by fine-tuning and linear probing: train an epoch, evaluate, fit."""
+import json
+import os
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.utils import accuracy
+from tqdm import tqdm
+
+from util.checkpoint import rng_state, save_checkpoint
+from util.logger import RunLogger
+from util.lr_sched import adjust_learning_rate
+from util.runtime import seed_epoch
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimizer, epoch: int, cfg,
+                    step: int, mixup_fn: Optional[Callable] = None,
+                    logger: Optional[RunLogger] = None) -> Dict[str, float]:
+    """One epoch of supervised training.
+
+    Args:
+        loader: yields (inputs on device, labels (N,) int64); `set_epoch` already called.
+        mixup_fn: timm Mixup, turns labels into soft targets (N, num_classes).
+    """
+    model.train()
+    n_steps = len(loader)
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    lr = 0.0
+    t0 = time.time()
+    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=None, file=sys.stderr)
+    for i, (x, y) in enumerate(bar):
+        lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if getattr(cfg, "clip_grad", None):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        loss_sum += loss.detach()
+        if (i + 1) % cfg.print_freq == 0:
+            loss_now = loss.item()  # host sync, once every print_freq steps
+            bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}")
+            if logger is not None:
+                logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i + 1)
+    seconds = time.time() - t0
+    return {"train_loss": (loss_sum / max(n_steps, 1)).item(), "lr": lr, "steps": n_steps,
+            "seconds": seconds, "images_per_s": n_steps * cfg.batch_size / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader) -> Dict[str, float]:
+    """Top-1/top-5 accuracy (%) and cross-entropy over the whole loader."""
+    model.eval()
+    sums, n = None, 0
+    for x, y in loader:
+        out = model(x)
+        acc1, acc5 = accuracy(out, y, topk=(1, 5))
+        batch = torch.stack([F.cross_entropy(out, y), acc1, acc5]) * len(y)
+        sums = batch if sums is None else sums + batch
+        n += len(y)
+    loss, acc1, acc5 = (sums / n).tolist()
+    return {"test_loss": loss, "test_acc1": acc1, "test_acc5": acc5}
+
+
+def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, train_loader,
+        test_loader, own_ckpt: Optional[dict] = None, save_module: Optional[torch.nn.Module] = None,
+        mixup_fn: Optional[Callable] = None, extra: Optional[dict] = None) -> Dict[str, float]:
+    """Train for cfg.epochs with per-epoch evaluation, checkpoints, log.txt and results.json.
+
+    Args:
+        model: what is trained and evaluated (for cached-feature probing: the head alone).
+        save_module: what is checkpointed (default `model`; the full probe when training its head).
+        own_ckpt: this script's checkpoint to continue from.
+        extra: facts recorded in checkpoints and results.json (e.g. the initialising checkpoint).
+    """
+    save_module = save_module or model
+    extra = extra or {}
+    start_epoch, step, best, last = 0, 0, 0.0, {}
+    if own_ckpt is not None:
+        save_module.load_state_dict(own_ckpt["model"])
+        optimizer.load_state_dict(own_ckpt["optimizer"])
+        start_epoch, step = own_ckpt["epoch"], own_ckpt["step"]
+        best, last = own_ckpt["best_acc1"], own_ckpt["last"]
+        print(f"resumed {kind} at epoch {start_epoch} (best acc@1 so far {best:.2f})")
+    logger = RunLogger(cfg.output_dir)
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch)
+        train_loader.set_epoch(epoch)
+        stats = train_one_epoch(model, criterion, train_loader, optimizer, epoch, cfg, step, mixup_fn, logger)
+        step += stats.pop("steps")
+        last = evaluate(model, test_loader)
+        best = max(best, last["test_acc1"])
+        state = {"kind": kind, "model": save_module.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch + 1, "step": step, "config": cfg.to_dict(), "best_acc1": best,
+                 "last": last, "rng": rng_state(), **extra}
+        save_checkpoint(state, os.path.join(cfg.output_dir, "checkpoint-last.pth"))
+        if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs:
+            save_checkpoint(state, os.path.join(cfg.output_dir, f"checkpoint-{epoch + 1}.pth"))
+        logger.epoch({"epoch": epoch, **stats, **last, "best_acc1": best, "step": step})
+        print(f"epoch {epoch}: train loss {stats['train_loss']:.4f}, test acc@1 {last['test_acc1']:.2f} "
+              f"(best {best:.2f}), {stats['seconds']:.1f}s")
+    logger.close()
+    results = {"kind": kind, "best_acc1": best, "last_acc1": last.get("test_acc1"),
+               "last_acc5": last.get("test_acc5"), "epochs": cfg.epochs, **extra}
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"{kind}: best acc@1 {best:.2f}, last {results['last_acc1']:.2f} -> "
+          f"{os.path.join(cfg.output_dir, 'results.json')}")
+    return results

@@ -1,0 +1,88 @@
+"""Fine-tune a pretrained encoder (or a random one) on CIFAR-10 classification.
+
+    python main_finetune.py --finetune output/pretrain_ema/checkpoint-last.pth
+    python main_finetune.py --resume output/pretrain_ema/checkpoint-last.pth   # same: a pretraining ckpt initialises
+    python main_finetune.py --from_scratch                                     # the random-init baseline
+    python main_finetune.py                                                    # newest pretraining run under output/
+"""
+import os
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+
+import models_vit
+from engine_finetune import fit
+from util.config import FinetuneConfig, parse_config, save_yaml
+from util.datasets import dataset_stats, load_dataset
+from util.errors import UserError, cli
+from util.loader import EvalLoader, TorchvisionLoader
+from util.pretrained import prepare_run
+from util.runtime import resolve_device
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay: each group carries an `lr_scale` the schedule applies."""
+    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay,
+                                      no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=cfg.layer_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def train_transform(cfg, img_size: int, mean, std):
+    """timm's training pipeline: RandomResizedCrop + flip + RandAugment + random erasing."""
+    return create_transform(input_size=img_size, is_training=True, auto_augment=cfg.aa or None,
+                            interpolation="bicubic", re_prob=cfg.reprob, re_mode=cfg.remode,
+                            re_count=1, mean=mean, std=std)
+
+
+@cli
+def main(argv=None) -> None:
+    cfg = parse_config(FinetuneConfig, "finetune", argv)
+    device = resolve_device(cfg.device)
+    start, own = prepare_run(cfg, "finetune")
+    cfg.resolve(world_size=1)
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise UserError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
+
+    train_x, train_y, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
+    test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)
+    if len(train_x) < cfg.batch_size:
+        raise UserError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(train_x)} images)")
+    mean, std = dataset_stats(cfg.dataset)
+    img_size, in_chans = train_x.shape[1], train_x.shape[3]
+
+    model = models_vit.create_model(cfg.model, num_classes=num_classes, global_pool=cfg.global_pool,
+                                    drop_path_rate=cfg.drop_path, img_size=img_size, in_chans=in_chans)
+    if own is None and start.init is not None:
+        state = models_vit.pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
+        report = models_vit.load_pretrained_encoder(model, state, start.init)
+        print(f"initialised {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
+    model.to(device)
+
+    train_loader = TorchvisionLoader(train_x, train_y, train_transform(cfg, img_size, mean, std),
+                                     cfg.batch_size, device, cfg.seed, cfg.num_workers)
+    test_loader = EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std)
+    mixup_fn = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                         switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
+                         num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    optimizer = build_optimizer(model, cfg)
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
+    print(f"fine-tuning {cfg.model} on {device}: {len(train_x)} images, lr {cfg.lr:.2e}, "
+          f"output {cfg.output_dir}")
+    fit(cfg, "finetune", model, optimizer, criterion, train_loader, test_loader, own,
+        mixup_fn=mixup_fn, extra={"init": start.init, "checkpoint_key": cfg.checkpoint_key})
+
+
+if __name__ == "__main__":
+    main()

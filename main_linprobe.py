@@ -1,0 +1,95 @@
+"""Linear probe (and kNN) of a frozen pretrained encoder on CIFAR-10.
+
+    python main_linprobe.py                                  # newest pretraining run under output/
+    python main_linprobe.py --finetune CKPT --checkpoint_key target
+    python main_linprobe.py --finetune CKPT --cached_features --knn   # fast path + kNN
+"""
+import os
+
+import torch
+from timm.optim import Lars
+from torchvision import transforms
+
+import models_vit
+from engine_finetune import fit
+from util.config import LinprobeConfig, parse_config, save_yaml
+from util.datasets import dataset_stats, eval_transform, load_dataset
+from util.errors import UserError, cli
+from util.knn import extract_features, knn_accuracy
+from util.loader import EvalLoader, TensorLoader, TorchvisionLoader
+from util.pretrained import prepare_run
+from util.runtime import resolve_device
+
+
+def build_optimizer(head: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """LARS on the head; the trust ratio adapts weight matrices only, not biases (as in MAE)."""
+    weights = [p for p in head.parameters() if p.ndim > 1]
+    others = [p for p in head.parameters() if p.ndim <= 1]
+    return Lars([{"params": weights, "always_adapt": True},
+                 {"params": others, "weight_decay": 0.0}],
+                lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def train_transform(img_size: int, mean, std):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+@cli
+def main(argv=None) -> None:
+    cfg = parse_config(LinprobeConfig, "linprobe", argv)
+    device = resolve_device(cfg.device)
+    start, own = prepare_run(cfg, "linprobe")
+    cfg.resolve(world_size=1)
+
+    train_x, train_y, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
+    test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)
+    if len(train_x) < cfg.batch_size:
+        raise UserError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(train_x)} images)")
+    mean, std = dataset_stats(cfg.dataset)
+    img_size, in_chans = train_x.shape[1], train_x.shape[3]
+
+    encoder = models_vit.create_model(cfg.model, num_classes=0, img_size=img_size, in_chans=in_chans)
+    if own is None and start.init is not None:
+        state = models_vit.pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
+        report = models_vit.load_pretrained_encoder(encoder, state, start.init)
+        print(f"probing {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
+    probe = models_vit.LinearProbe(encoder, num_classes, cfg.pool)
+    if own is not None:
+        probe.load_state_dict(own["model"])  # the encoder weights come back with the head
+    probe.to(device)
+
+    test_loader = EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std)
+    results_extra = {"init": start.init, "checkpoint_key": cfg.checkpoint_key, "pool": cfg.pool}
+    train_feats = None
+    if cfg.cached_features or cfg.knn:
+        train_feats, train_lab = extract_features(
+            probe.features, EvalLoader(train_x, train_y, cfg.batch_size, device, mean, std))
+        test_feats, test_lab = extract_features(probe.features, test_loader)
+    if cfg.knn:
+        acc = knn_accuracy(train_feats, train_lab, test_feats, test_lab, num_classes, cfg.knn_k, cfg.knn_t)
+        results_extra["knn_acc"] = acc
+        print(f"kNN (k={cfg.knn_k}, t={cfg.knn_t}) accuracy: {acc:.2f}")
+
+    if cfg.cached_features:  # train the head alone on features extracted once
+        model = probe.head
+        train_loader = TensorLoader(train_feats, train_lab, cfg.batch_size, cfg.seed)
+        test_loader = [(test_feats[i:i + cfg.batch_size], test_lab[i:i + cfg.batch_size])
+                       for i in range(0, len(test_feats), cfg.batch_size)]
+    else:
+        model = probe
+        transform = train_transform(img_size, mean, std) if cfg.aug else eval_transform(mean, std)
+        train_loader = TorchvisionLoader(train_x, train_y, transform, cfg.batch_size, device,
+                                         cfg.seed, cfg.num_workers)
+    optimizer = build_optimizer(probe.head, cfg)
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
+    print(f"linear probe of {cfg.model} on {device}: lr {cfg.lr:.2e}, output {cfg.output_dir}")
+    fit(cfg, "linprobe", model, optimizer, torch.nn.CrossEntropyLoss(), train_loader, test_loader,
+        own, save_module=probe, extra=results_extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Classifiers for fine-tuning and linear probing, built on timm's VisionTransformer.
+
+The pretraining encoder (`models_mae.MAEEncoder`) uses timm's attribute names, so its
+state_dict loads here directly: only the decoder and the MAE's heads are dropped.
+"""
+from functools import partial
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from util.errors import UserError
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _vit(**arch) -> Callable[..., VisionTransformer]:
+    def build(num_classes: int = 10, global_pool: bool = False, drop_path_rate: float = 0.0,
+              img_size: int = 32, in_chans: int = 3) -> VisionTransformer:
+        # global_pool=True: average patch tokens, then a fresh fc_norm (MAE's fine-tuning
+        # default); False: the cls token after the pretrained final norm.
+        return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                                 global_pool="avg" if global_pool else "token",
+                                 drop_path_rate=drop_path_rate, qkv_bias=True,
+                                 norm_layer=LayerNorm, **arch)
+    return build
+
+
+# Encoders matching models_mae.MODELS: "mae_<name>" pretrains into "<name>".
+MODELS: Dict[str, Callable[..., VisionTransformer]] = {
+    "vit_tiny_patch4": _vit(patch_size=4, embed_dim=192, depth=12, num_heads=3),
+    "vit_smoke_patch4": _vit(patch_size=4, embed_dim=64, depth=4, num_heads=4),
+}
+DEFAULT_MODEL = "vit_tiny_patch4"
+
+
+def create_model(name: str, **kwargs) -> VisionTransformer:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)
+
+
+def encoder_name_for(pretrain_model: str) -> str:
+    """models_mae name -> models_vit name (mae_vit_tiny_patch4 -> vit_tiny_patch4)."""
+    return pretrain_model[len("mae_"):] if pretrain_model.startswith("mae_") else pretrain_model
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, 1 + L, D) normalised tokens -> (N, D): the cls token, or the mean of patch tokens."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
+class LinearProbe(nn.Module):
+    """Frozen encoder + BatchNorm (no affine) + linear head, as in MAE's linear probing.
+
+    The encoder stays in eval mode whatever `train()` is called with, and has no trainable
+    parameters, so only the head learns.
+    """
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, pool: str = "cls"):
+        super().__init__()
+        self.encoder, self.pool = encoder, pool
+        self.encoder.requires_grad_(False)
+        dim = encoder.embed_dim
+        # BatchNorm without affine whitens the features, which makes LARS's lr robust.
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, D), without autograd (the encoder is frozen)."""
+        with torch.no_grad():
+            return pool_tokens(self.encoder.forward_features(x), self.pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def pretrained_encoder_state(ckpt: dict, key: str, path: str) -> Dict[str, torch.Tensor]:
+    """The encoder weights of a pretraining checkpoint, with timm ViT key names.
+
+    key: "model" = the online encoder, "target" = the target encoder.
+    """
+    if key == "target":
+        if ckpt.get("target") is None:
+            raise UserError(f"{path}: has no target encoder (a pixel run, or saved before the switch "
+                            f"epoch); use --checkpoint_key model")
+        return dict(ckpt["target"])
+    prefix = "encoder."
+    return {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+def load_pretrained_encoder(model: VisionTransformer, state: Dict[str, torch.Tensor], path: str) -> str:
+    """Load encoder weights into a classifier; refuse anything but the expected gaps.
+
+    Expected: the classifier head is new; with global pooling fc_norm is new and the
+    pretrained final norm is unused. Returns a one-line report of what was not loaded.
+    """
+    own = model.state_dict()
+    bad_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad_shape:
+        k = bad_shape[0]
+        raise UserError(f"{path}: architecture mismatch, {k} is {tuple(state[k].shape)} in the checkpoint "
+                        f"but {tuple(own[k].shape)} in the model (pass the matching --model)")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = ("head.", "fc_norm.")
+    allowed_unexpected = ("norm.",) if isinstance(model.norm, nn.Identity) else ()
+    wrong = [k for k in missing if not k.startswith(allowed_missing)]
+    wrong += [k for k in unexpected if not k.startswith(allowed_unexpected)]
+    if wrong:
+        raise UserError(f"{path}: architecture mismatch ({len(wrong)} keys differ, e.g. {wrong[0]}); "
+                        f"pass the matching --model")
+    return f"missing keys (new): {sorted(missing)}; unused keys: {sorted(unexpected)}"

@@ -1,0 +1,89 @@
+"""Where a fine-tuning or probing run starts: its own checkpoint, a pretraining run, or nothing."""
+import glob
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from util.checkpoint import load_checkpoint
+from util.errors import UserError
+
+OUTPUT_ROOT = "output"
+
+
+def find_newest_pretrain(root: str = OUTPUT_ROOT) -> Optional[str]:
+    """Newest checkpoint-last.pth under `root` that belongs to a pretraining run."""
+    candidates = sorted(glob.glob(os.path.join(root, "**", "checkpoint-last.pth"), recursive=True),
+                        key=os.path.getmtime, reverse=True)
+    for path in candidates:
+        try:
+            if load_checkpoint(path)["kind"] == "pretrain":
+                return path
+        except UserError:
+            continue
+    return None
+
+
+@dataclass
+class Start:
+    init: Optional[str] = None    # pretraining checkpoint whose encoder initialises the model
+    init_ckpt: Optional[dict] = None
+    resume: Optional[str] = None  # this script's own checkpoint to continue
+
+
+def resolve_start(cfg, kind: str) -> Start:
+    """Decide from the flags where to start; prints what it chose. `kind`: finetune | linprobe."""
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        if ckpt["kind"] == "pretrain":
+            print(f"{cfg.resume} is a pretraining checkpoint: initialising from it (as --finetune)")
+            return Start(init=cfg.resume, init_ckpt=ckpt)
+        if ckpt["kind"] != kind:
+            raise UserError(f"{cfg.resume}: a {ckpt['kind']} checkpoint, cannot resume {kind} from it")
+        return Start(resume=cfg.resume)
+    if cfg.from_scratch:
+        return Start()
+    path = cfg.finetune
+    if not path:
+        path = find_newest_pretrain()
+        if path is None:
+            raise UserError(f"no pretraining checkpoint found under {OUTPUT_ROOT}/; pass --finetune CKPT "
+                            f"(or --resume CKPT), or --from_scratch")
+        print(f"using the newest pretraining checkpoint: {path}")
+    return Start(init=path, init_ckpt=load_checkpoint(path, kind="pretrain"))
+
+
+def run_name(start: Start, cfg, kind: str) -> str:
+    """output/<kind>_<pretraining run>[_target] or output/<kind>_scratch."""
+    if start.init is None:
+        return f"{kind}_scratch"
+    name = os.path.basename(os.path.dirname(os.path.abspath(start.init)))
+    return f"{kind}_{name}" + ("_target" if cfg.checkpoint_key == "target" else "")
+
+
+def prepare_run(cfg, kind: str):
+    """Resolve start, output directory, own checkpoint (auto-resume) and model name, in place.
+
+    Returns (start, own_ckpt): own_ckpt is this run's checkpoint to continue, or None.
+    """
+    from models_vit import DEFAULT_MODEL, encoder_name_for
+
+    start = resolve_start(cfg, kind)
+    if not cfg.output_dir:
+        cfg.output_dir = os.path.join(OUTPUT_ROOT, run_name(start, cfg, kind))
+    last = os.path.join(cfg.output_dir, "checkpoint-last.pth")
+    if start.resume is None and os.path.isfile(last):
+        start.resume = last
+    own = load_checkpoint(start.resume, kind=kind) if start.resume else None
+    if own is not None:
+        cfg.model = own["config"]["model"]
+        start.init = own.get("init")
+    elif start.init_ckpt is not None:
+        pretrained = start.init_ckpt["config"]["model"]
+        encoder = encoder_name_for(pretrained)
+        if cfg.model and cfg.model != encoder:
+            raise UserError(f"{start.init}: architecture mismatch, pretrained {pretrained} has encoder "
+                            f"{encoder} but --model is {cfg.model}")
+        cfg.model = encoder
+    else:
+        cfg.model = cfg.model or DEFAULT_MODEL
+    return start, own
