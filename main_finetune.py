@@ -8,12 +8,13 @@
 import os
 
 import torch
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
 import models_vit
 from engine_finetune import fit
+from util.augment import finetune_transform
 from util.config import FinetuneConfig, parse_config, save_yaml
 from util.datasets import dataset_stats, load_dataset
 from util.errors import UserError, cli
@@ -30,17 +31,11 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def train_transform(cfg, img_size: int, mean, std):
-    """timm's training pipeline: RandomResizedCrop + flip + RandAugment + random erasing."""
-    return create_transform(input_size=img_size, is_training=True, auto_augment=cfg.aa or None,
-                            interpolation="bicubic", re_prob=cfg.reprob, re_mode=cfg.remode,
-                            re_count=1, mean=mean, std=std)
-
-
 @cli
 def main(argv=None) -> None:
     cfg = parse_config(FinetuneConfig, "finetune", argv)
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # model initialisation
     start, own = prepare_run(cfg, "finetune")
     cfg.resolve(world_size=1)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
@@ -61,7 +56,7 @@ def main(argv=None) -> None:
         print(f"initialised {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
     model.to(device)
 
-    train_loader = TorchvisionLoader(train_x, train_y, train_transform(cfg, img_size, mean, std),
+    train_loader = TorchvisionLoader(train_x, train_y, finetune_transform(cfg, img_size, mean, std),
                                      cfg.batch_size, device, cfg.seed, cfg.num_workers)
     test_loader = EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std)
     mixup_fn = None

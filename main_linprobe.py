@@ -40,6 +40,7 @@ def train_transform(img_size: int, mean, std):
 def main(argv=None) -> None:
     cfg = parse_config(LinprobeConfig, "linprobe", argv)
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # model initialisation
     start, own = prepare_run(cfg, "linprobe")
     cfg.resolve(world_size=1)
 

@@ -55,6 +55,7 @@ def find_resume(cfg) -> str:
 def main(argv=None) -> None:
     cfg = parse_config(PretrainConfig, "pretrain", argv)
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # model initialisation
     cfg.resolve(world_size=1)
 
     images, labels, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
