@@ -13,7 +13,7 @@ from tqdm import tqdm
 from util.checkpoint import rng_state, save_checkpoint
 from util.logger import RunLogger
 from util.lr_sched import adjust_learning_rate
-from util.runtime import seed_epoch
+from util.runtime import autocast, seed_epoch
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimizer, epoch: int, cfg,
@@ -36,7 +36,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
         lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
-        loss = criterion(model(x), y)
+        with autocast(x.device, cfg.precision):
+            loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if getattr(cfg, "clip_grad", None):
@@ -54,12 +55,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader) -> Dict[str, float]:
+def evaluate(model: torch.nn.Module, loader, precision: str = "fp32") -> Dict[str, float]:
     """Top-1/top-5 accuracy (%) and cross-entropy over the whole loader."""
     model.eval()
     sums, n = None, 0
     for x, y in loader:
-        out = model(x)
+        with autocast(x.device, precision):
+            out = model(x).float()
         acc1, acc5 = accuracy(out, y, topk=(1, 5))
         batch = torch.stack([F.cross_entropy(out, y), acc1, acc5]) * len(y)
         sums = batch if sums is None else sums + batch
@@ -94,7 +96,7 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
         train_loader.set_epoch(epoch)
         stats = train_one_epoch(model, criterion, train_loader, optimizer, epoch, cfg, step, mixup_fn, logger)
         step += stats.pop("steps")
-        last = evaluate(model, test_loader)
+        last = evaluate(model, test_loader, cfg.precision)
         best = max(best, last["test_acc1"])
         state = {"kind": kind, "model": save_module.state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": epoch + 1, "step": step, "config": cfg.to_dict(), "best_acc1": best,

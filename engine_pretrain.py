@@ -8,19 +8,22 @@ from tqdm import tqdm
 
 from target_encoder import TargetEncoder
 from util.lr_sched import adjust_learning_rate
+from util.runtime import autocast
 
 
 def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optimizer,
-                    epoch: int, cfg, step: int, logger=None) -> Dict[str, float]:
+                    epoch: int, cfg, step: int, logger=None, forward=None) -> Dict[str, float]:
     """Train `model` (the unwrapped MaskedAutoencoderViT) for one epoch.
 
     Args:
         loader: yields (imgs (N, C, H, W) on device, labels); `set_epoch` already called.
         step: global optimizer step at the start of the epoch (TensorBoard axis).
+        forward: what runs the forward pass (`model` or its torch.compile'd twin).
     Returns:
         epoch averages (loss, target/prediction spread), last lr, images/s, seconds.
     """
     model.train()
+    forward = forward or model
     heads = target.heads(epoch)
     n_steps = len(loader)
     # Running sums stay on the device: reading them costs a host sync, done every print_freq.
@@ -31,8 +34,9 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
                disable=None, file=sys.stderr)
     for i, (imgs, _) in enumerate(bar):
         lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
-        preds, mask = model(imgs, cfg.mask_ratio, heads)
-        loss, stats = target.loss(model, imgs, preds, mask, epoch)
+        with autocast(imgs.device, cfg.precision):  # the target pass runs in bf16 too
+            preds, mask = forward(imgs, cfg.mask_ratio, heads)
+            loss, stats = target.loss(model, imgs, preds, mask, epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

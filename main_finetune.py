@@ -20,7 +20,7 @@ from util.datasets import dataset_stats, load_dataset
 from util.errors import UserError, cli
 from util.loader import EvalLoader, TorchvisionLoader
 from util.pretrained import prepare_run
-from util.runtime import resolve_device
+from util.runtime import resolve_device, speed_options
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -28,7 +28,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay,
                                       no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=cfg.layer_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda)
 
 
 @cli
@@ -70,13 +70,14 @@ def main(argv=None) -> None:
     else:
         criterion = torch.nn.CrossEntropyLoss()
     optimizer = build_optimizer(model, cfg)
+    forward = speed_options(model, cfg, device)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
     print(f"fine-tuning {cfg.model} on {device}: {len(train_x)} images, lr {cfg.lr:.2e}, "
           f"output {cfg.output_dir}")
-    fit(cfg, "finetune", model, optimizer, criterion, train_loader, test_loader, own,
-        mixup_fn=mixup_fn, extra={"init": start.init, "checkpoint_key": cfg.checkpoint_key})
+    fit(cfg, "finetune", forward, optimizer, criterion, train_loader, test_loader, own,
+        save_module=model, mixup_fn=mixup_fn, extra={"init": start.init, "checkpoint_key": cfg.checkpoint_key})
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from util.config import LinprobeConfig, parse_config, save_yaml
 from util.datasets import dataset_stats, eval_transform, load_dataset
 from util.errors import UserError, cli
 from util.knn import extract_features, knn_accuracy
-from util.loader import EvalLoader, TensorLoader, TorchvisionLoader
+from util.loader import EvalLoader, TensorLoader, build_train_loader
 from util.pretrained import prepare_run
-from util.runtime import resolve_device
+from util.runtime import resolve_device, speed_options
 
 
 def build_optimizer(head: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -81,9 +81,10 @@ def main(argv=None) -> None:
     else:
         model = probe
         transform = train_transform(img_size, mean, std) if cfg.aug else eval_transform(mean, std)
-        train_loader = TorchvisionLoader(train_x, train_y, transform, cfg.batch_size, device,
-                                         cfg.seed, cfg.num_workers)
+        train_loader = build_train_loader(cfg, train_x, train_y, device, mean, std, scale=(0.08, 1.0),
+                                          augment=cfg.aug, transform=transform)
     optimizer = build_optimizer(probe.head, cfg)
+    model = speed_options(model, cfg, device)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))

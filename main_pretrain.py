@@ -21,16 +21,17 @@ from util.config import PretrainConfig, parse_config, save_yaml
 from util.datasets import dataset_stats, load_dataset, pretrain_transform
 from util.errors import UserError, cli
 from util.knn import extract_features, knn_accuracy
-from util.loader import EvalLoader, TorchvisionLoader
+from util.loader import EvalLoader, build_train_loader
 from util.logger import RunLogger
-from util.runtime import resolve_device, seed_epoch
+from util.runtime import resolve_device, seed_epoch, speed_options
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW over every trainable parameter, both heads included, from step 0."""
     groups = param_groups_weight_decay(
         model, cfg.weight_decay, no_weight_decay_list=("encoder.cls_token", "mask_token"))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    fused = next(model.parameters()).is_cuda  # one kernel for all tensors on CUDA
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 def knn_monitor(model, cfg, device, mean, std, num_classes: int) -> float:
@@ -63,8 +64,9 @@ def main(argv=None) -> None:
         raise UserError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(images)} images)")
     mean, std = dataset_stats(cfg.dataset)
     model = create_model(cfg.model, img_size=images.shape[1], in_chans=images.shape[3]).to(device)
-    loader = TorchvisionLoader(images, labels, pretrain_transform(images.shape[1], mean, std),
-                               cfg.batch_size, device, cfg.seed, cfg.num_workers)
+    loader = build_train_loader(cfg, images, labels, device, mean, std, scale=(0.2, 1.0),
+                                transform=pretrain_transform(images.shape[1], mean, std))
+    forward = speed_options(model, cfg, device)
     optimizer = build_optimizer(model, cfg)
     target = build_target(cfg)
 
@@ -92,7 +94,8 @@ def main(argv=None) -> None:
         seed_epoch(cfg.seed, epoch)
         loader.set_epoch(epoch)
         refreshed = target.on_epoch_start(epoch, model.encoder)
-        stats = engine_pretrain.train_one_epoch(model, target, loader, optimizer, epoch, cfg, step, logger)
+        stats = engine_pretrain.train_one_epoch(model, target, loader, optimizer, epoch, cfg, step, logger,
+                                                forward)
         target.on_epoch_end(epoch, model.encoder)
         step += stats.pop("steps")
 

@@ -22,7 +22,7 @@ import yaml
 from util.errors import UserError
 
 DATASETS = ("cifar10",)
-DATA_LOADERS = ("torchvision",)
+DATA_LOADERS = ("in_memory", "torchvision")
 
 
 def opt(default: Any, help: str, choices: Optional[Sequence[Any]] = None) -> Any:
@@ -37,7 +37,8 @@ class RunConfig:
     # data
     dataset: str = opt("cifar10", "dataset name", DATASETS)
     data_path: str = opt("./data", "dataset root (CIFAR-10: the folder holding cifar-10-batches-py)")
-    data_loader: str = opt("torchvision", "input pipeline", DATA_LOADERS)
+    data_loader: str = opt("in_memory", "in_memory: uint8 set on the device, batched crop/flip; "
+                                        "torchvision: per-image PIL transforms in workers", DATA_LOADERS)
     num_workers: int = opt(4, "DataLoader worker processes (torchvision pipeline)")
     # optimisation
     epochs: int = opt(100, "training epochs")
@@ -54,6 +55,9 @@ class RunConfig:
     resume: str = opt("", "checkpoint to resume from (default: OUTPUT_DIR/checkpoint-last.pth if present)")
     save_freq: int = opt(20, "also keep checkpoint-EPOCH.pth every this many epochs and at the end")
     print_freq: int = opt(20, "steps between progress-bar/TensorBoard updates (each costs one host sync)")
+    precision: str = opt("bf16", "bf16 autocast on CUDA (fp32 weights, no GradScaler); fp32 everywhere "
+                                 "else (CPU ignores bf16 with a message)", ("bf16", "fp32"))
+    compile: bool = opt(False, "torch.compile the model (CUDA only; ignored on CPU with a message)")
 
     def validate(self) -> None:
         """Raise UserError with a one-line message for the first invalid value."""
@@ -158,6 +162,8 @@ class EvalConfig(RunConfig):
 @dataclass
 class FinetuneConfig(EvalConfig):
     """main_finetune.py: the report's fine-tuning recipe (REFERENCE.md section 1)."""
+    data_loader: str = opt("torchvision", "fine-tuning needs per-image RandAugment and random erasing: "
+                                          "the torchvision pipeline in worker processes", ("torchvision",))
     epochs: int = opt(100, "fine-tuning epochs")
     blr: float = opt(1e-3, "base learning rate: lr = blr * global batch / 256")
     weight_decay: float = opt(0.05, "AdamW weight decay")

@@ -62,6 +62,20 @@ class TorchvisionLoader:
                    labels.to(self.device, non_blocking=True))
 
 
+def build_train_loader(cfg, images: np.ndarray, labels: np.ndarray, device: torch.device, mean, std,
+                       scale=(0.2, 1.0), augment: bool = True, transform=None):
+    """The training loader `cfg.data_loader` names: RandomResizedCrop(scale) + flip when `augment`.
+
+    in_memory does crop+flip+normalise as batched tensor ops on the device; torchvision runs
+    `transform` per image in worker processes (the classic path).
+    """
+    if cfg.data_loader == "in_memory":
+        from util.gpu_loader import InMemoryLoader
+        return InMemoryLoader(images, labels, cfg.batch_size, device, cfg.seed, mean=mean, std=std,
+                              crop=augment, flip=augment, scale=scale)
+    return TorchvisionLoader(images, labels, transform, cfg.batch_size, device, cfg.seed, cfg.num_workers)
+
+
 class EvalLoader:
     """Unaugmented, in-order batches: uint8 images moved to the device once, normalised per batch.
 

@@ -1,4 +1,6 @@
 """Device selection and seeding."""
+import contextlib
+
 import torch
 
 from util.errors import UserError
@@ -11,6 +13,28 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} requested but CUDA is not available (use --device cpu or auto)")
     return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA: activations in bf16, weights and optimizer in fp32, no scaler needed."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def speed_options(model: torch.nn.Module, cfg, device: torch.device):
+    """Returns the callable to run forward passes with: `model`, or its torch.compile'd twin.
+
+    Prints what is ignored on this device instead of failing, so one config serves CPU and GPU.
+    """
+    if device.type != "cuda":
+        ignored = [f for f, on in (("--precision bf16", cfg.precision == "bf16"), ("--compile", cfg.compile)) if on]
+        if ignored:
+            print(f"note: {' and '.join(ignored)} ignored on {device.type}: running fp32 eager")
+        return model
+    if cfg.compile:
+        return torch.compile(model)
+    return model
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
