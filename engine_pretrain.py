@@ -12,15 +12,20 @@ from util.runtime import autocast
 
 
 def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optimizer,
-                    epoch: int, cfg, step: int, logger=None, forward=None) -> Dict[str, float]:
+                    epoch: int, cfg, step: int, logger=None, forward=None, skip: int = 0,
+                    stop=None) -> Dict[str, float]:
     """Train `model` (the unwrapped MaskedAutoencoderViT) for one epoch.
 
     Args:
         loader: yields (imgs (N, C, H, W) on device, labels); `set_epoch` already called.
         step: global optimizer step at the start of the epoch (TensorBoard axis).
         forward: what runs the forward pass (`model` or its torch.compile'd twin).
+        skip: batches of this epoch already trained before an interruption: drawn, not trained.
+        stop: a util.signals.StopRequest; when set, return after the current step.
     Returns:
-        epoch averages (loss, target/prediction spread), last lr, images/s, seconds.
+        averages over the steps run (loss, target/prediction spread), last lr, images/s,
+        seconds, `steps` run, `epoch_step` reached (== len(loader) unless stopped), and
+        `bad_step` (first step of this epoch whose loss was not finite, or -1).
     """
     model.train()
     forward = forward or model
@@ -28,11 +33,15 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
     n_steps = len(loader)
     # Running sums stay on the device: reading them costs a host sync, done every print_freq.
     sums: Dict[str, torch.Tensor] = {}
-    lr = 0.0
+    # First non-finite step, tracked on the device and read when we sync anyway.
+    bad_step = torch.full((), -1, dtype=torch.long, device=next(model.parameters()).device)
+    lr, done = 0.0, skip
     t0 = time.time()
     bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=None, file=sys.stderr)
     for i, (imgs, _) in enumerate(bar):
+        if i < skip:  # the loader's own generator advances exactly as in the first run
+            continue
         lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
         with autocast(imgs.device, cfg.precision):  # the target pass runs in bf16 too
             preds, mask = forward(imgs, cfg.mask_ratio, heads)
@@ -44,13 +53,20 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
 
         for key, value in {"loss": loss.detach(), **stats}.items():
             sums[key] = sums[key] + value if key in sums else value.clone()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), i, bad_step)
+        done = i + 1
+        if stop is not None and stop.requested:
+            break
         if (i + 1) % cfg.print_freq == 0:
             loss_now = loss.item()  # host sync, once every print_freq steps
+            if bad_step.item() >= 0:
+                break  # stop early: later steps would only train on NaN weights
             bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}")
             if logger is not None:
                 logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i + 1)
     seconds = time.time() - t0
-    out = {key: (value / max(n_steps, 1)).item() for key, value in sums.items()}
-    out.update(lr=lr, steps=n_steps, seconds=seconds,
-               images_per_s=n_steps * cfg.batch_size / max(seconds, 1e-9))
+    ran = done - skip
+    out = {key: (value / max(ran, 1)).item() for key, value in sums.items()}
+    out.update(lr=lr, steps=ran, epoch_step=done, bad_step=int(bad_step.item()), seconds=seconds,
+               images_per_s=ran * cfg.batch_size / max(seconds, 1e-9))
     return out

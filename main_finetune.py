@@ -20,6 +20,7 @@ from util.datasets import dataset_stats, load_dataset
 from util.errors import UserError, cli
 from util.loader import EvalLoader, TorchvisionLoader
 from util.pretrained import prepare_run
+from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, speed_options
 
 
@@ -38,6 +39,7 @@ def main(argv=None) -> None:
     torch.manual_seed(cfg.seed)  # model initialisation
     start, own = prepare_run(cfg, "finetune")
     cfg.resolve(world_size=1)
+    prepare_output_dir(cfg)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
 

@@ -18,6 +18,7 @@ from util.errors import UserError, cli
 from util.knn import extract_features, knn_accuracy
 from util.loader import EvalLoader, TensorLoader, build_train_loader
 from util.pretrained import prepare_run
+from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, speed_options
 
 
@@ -43,6 +44,7 @@ def main(argv=None) -> None:
     torch.manual_seed(cfg.seed)  # model initialisation
     start, own = prepare_run(cfg, "linprobe")
     cfg.resolve(world_size=1)
+    prepare_output_dir(cfg)
 
     train_x, train_y, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
     test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)

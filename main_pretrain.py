@@ -8,6 +8,7 @@
 Rerunning the same command with the same output directory resumes from checkpoint-last.pth.
 """
 import os
+import sys
 import time
 
 import torch
@@ -16,14 +17,16 @@ from timm.optim import param_groups_weight_decay
 import engine_pretrain
 from models_mae import create_model
 from target_encoder import build_target
-from util.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from util.config import PretrainConfig, parse_config, save_yaml
 from util.datasets import dataset_stats, load_dataset, pretrain_transform
 from util.errors import UserError, cli
 from util.knn import extract_features, knn_accuracy
 from util.loader import EvalLoader, build_train_loader
 from util.logger import RunLogger
+from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, seed_epoch, speed_options
+from util.signals import StopRequest
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -58,6 +61,7 @@ def main(argv=None) -> None:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # model initialisation
     cfg.resolve(world_size=1)
+    prepare_output_dir(cfg)
 
     images, labels, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
     if len(images) < cfg.batch_size:
@@ -70,7 +74,7 @@ def main(argv=None) -> None:
     optimizer = build_optimizer(model, cfg)
     target = build_target(cfg)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, epoch_step, resumed_rng = 0, 0, 0, None
     resume = find_resume(cfg)
     if resume:
         ckpt = load_checkpoint(resume, kind="pretrain")
@@ -81,28 +85,47 @@ def main(argv=None) -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         target.load_state_dict(ckpt["target"], model.encoder)
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        print(f"resumed from {resume} at epoch {start_epoch}")
+        epoch_step = ckpt.get("epoch_step", 0)  # > 0: stopped inside epoch `start_epoch`
+        resumed_rng = ckpt["rng"] if epoch_step else None
+        print(f"resumed from {resume} at epoch {start_epoch}" + (f", step {epoch_step}" if epoch_step else ""))
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
     save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
     logger = RunLogger(cfg.output_dir)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg.model} ({n_params / 1e6:.2f}M params) target={cfg.target} on {device}, "
           f"{len(images)} images, {len(loader)} steps/epoch, lr {cfg.lr:.2e}, output {cfg.output_dir}")
+    last_path = os.path.join(cfg.output_dir, "checkpoint-last.pth")
+    stop = StopRequest()
 
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)
         loader.set_epoch(epoch)
-        refreshed = target.on_epoch_start(epoch, model.encoder)
+        if resumed_rng is not None:  # mid-epoch resume: the target was restored, masks continue
+            set_rng_state(resumed_rng)
+            refreshed, resumed_rng = False, None
+        else:
+            refreshed = target.on_epoch_start(epoch, model.encoder)
         stats = engine_pretrain.train_one_epoch(model, target, loader, optimizer, epoch, cfg, step, logger,
-                                                forward)
-        target.on_epoch_end(epoch, model.encoder)
+                                                forward, skip=epoch_step, stop=stop)
+        if stats["bad_step"] >= 0:  # nothing is saved: the last good checkpoint stays as it is
+            sys.exit(f"error: non-finite loss at epoch {epoch}, step {stats['bad_step']} of the epoch; "
+                     f"stopped without saving; last good checkpoint: "
+                     f"{last_path if os.path.isfile(last_path) else 'none'}")
         step += stats.pop("steps")
-
+        epoch_step = stats.pop("epoch_step")
+        finished = epoch_step == len(loader)
+        if finished:
+            target.on_epoch_end(epoch, model.encoder)
         state = {"kind": "pretrain", "model": model.state_dict(), "target": target.state_dict(),
-                 "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
+                 "optimizer": optimizer.state_dict(), "epoch": epoch + 1 if finished else epoch,
+                 "epoch_step": 0 if finished else epoch_step, "step": step,
                  "config": cfg.to_dict(), "rng": rng_state()}
-        save_checkpoint(state, os.path.join(cfg.output_dir, "checkpoint-last.pth"))
+        save_checkpoint(state, last_path)
+        if not finished:
+            print(f"{stop.signal_name}: stopped at epoch {epoch}, step {epoch_step}; saved {last_path}. "
+                  f"Rerun the same command to continue.")
+            break
+        epoch_step = 0
         if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs:
             save_checkpoint(state, os.path.join(cfg.output_dir, f"checkpoint-{epoch + 1}.pth"))
         record = {"epoch": epoch, **target.describe(epoch), "target_refreshed": refreshed,
@@ -113,9 +136,14 @@ def main(argv=None) -> None:
         print(f"epoch {epoch}: loss {stats['loss']:.4f} ({record['regress']}) "
               f"lr {stats['lr']:.2e} {stats['images_per_s']:.0f} img/s {stats['seconds']:.1f}s"
               + (f" knn {record['knn_acc']:.2f}" if "knn_acc" in record else ""))
+        if stop.requested:  # the signal came with the epoch's last step: stop cleanly here
+            print(f"{stop.signal_name}: stopped after epoch {epoch}; saved {last_path}. "
+                  f"Rerun the same command to continue.")
+            break
+    else:
+        print(f"done: {last_path}")
+    stop.restore()
     logger.close()
-    print(f"done: {os.path.join(cfg.output_dir, 'checkpoint-last.pth')}")
-
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,257 @@
+"""Reproduce the report's table (REFERENCE.md section 2): pretrain -> fine-tune -> linear probe per row.
+
+    python reproduce.py --plan report                        # every row, 1 seed, the report's recipe
+    python reproduce.py --plan report --only pixel mae_k10 --seeds 3
+    python reproduce.py --plan report --dry_run              # print the exact commands, run nothing
+    python reproduce.py --plan report --scale smoke --data_path /tmp/fake   # tiny model, 2 epochs, CPU
+
+Each row is configs/report/NAME.yaml (only what the row varies; the rest is the scripts'
+defaults). For every row and seed the three stages run one after the other as subprocesses
+of main_pretrain.py, main_finetune.py and main_linprobe.py, writing
+
+    OUTPUT_ROOT/NAME/seedS/{pretrain,finetune,linprobe}/   (log.txt, config.yaml, checkpoints, results.json)
+    OUTPUT_ROOT/NAME/seedS/{stage}.out                       (the stage's console output)
+    OUTPUT_ROOT/NAME/seedS/commands.json                     (the exact command of each stage)
+
+A stage whose run is complete (pretrain: log.txt reached the configured epochs; fine-tune /
+probe: results.json with the configured epochs) is skipped; any other stage is simply rerun
+with the same command, and the scripts resume from their checkpoint-last.pth. At the end the
+figures and results.md are written (util/figures.py) into report_figures/ (or --figures_dir).
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import yaml
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PLAN_DIR = os.path.join("configs", "report")
+SMOKE = os.path.join("configs", "smoke.yaml")
+FULL_EVAL = {"finetune": os.path.join("configs", "finetune.yaml"),
+             "linprobe": os.path.join("configs", "linprobe.yaml")}
+SCRIPTS = {"pretrain": "main_pretrain.py", "finetune": "main_finetune.py", "linprobe": "main_linprobe.py"}
+STAGES = ("pretrain", "finetune", "linprobe")
+
+# The report's rows, in table order (configs/report/NAME.yaml each).
+REPORT_PLAN = ["scratch", "pixel",
+               "mae_k1", "mae_k2", "mae_k4", "mae_k10", "mae_k20",
+               "ema_wse0", "ema_wse1", "ema_wse5", "ema_wse20", "ema_wse40", "ema_wse80",
+               "ema_tau0.9_wse5", "ema_tau0.7_wse5"]
+PLANS = {"report": REPORT_PLAN}
+
+
+def _load_yaml(rel: str) -> dict:
+    with open(os.path.join(ROOT, rel)) as f:
+        return yaml.safe_load(f) or {}
+
+
+def _flag_value(v) -> str:
+    return str(v)
+
+
+def _flags(d: Dict[str, object]) -> List[str]:
+    """{key: value} -> ['--key', 'value', ...]; booleans become --key / --no-key."""
+    out: List[str] = []
+    for k, v in d.items():
+        if isinstance(v, bool):
+            out.append(f"--{k}" if v else f"--no-{k}")
+        elif v is not None:
+            out += [f"--{k}", _flag_value(v)]
+    return out
+
+
+def _path_arg(p: str) -> str:
+    """Paths handed to the scripts (which run with cwd = repo root): relative to the repo when
+    inside it, else absolute, so the user's working directory does not matter."""
+    a = os.path.abspath(p)
+    rel = os.path.relpath(a, ROOT)
+    return a if rel.startswith("..") else rel
+
+
+class Row:
+    """One plan entry: its config file and whether it has a pretraining stage."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.config = os.path.join(PLAN_DIR, f"{name}.yaml")
+        if not os.path.isfile(os.path.join(ROOT, self.config)):
+            raise SystemExit(f"error: no plan row {name!r} ({self.config} missing)")
+        raw = _load_yaml(self.config)
+        self.pretrain = dict(raw.get("pretrain") or {})
+        self.scratch = bool((raw.get("finetune") or {}).get("from_scratch")) or not self.pretrain
+
+    def stages(self) -> Tuple[str, ...]:
+        return STAGES[1:] if self.scratch else STAGES
+
+
+def stage_command(row: Row, stage: str, seed: int, args) -> List[str]:
+    """argv (without the interpreter) of one stage."""
+    run_dir = os.path.join(args.output_root, row.name, f"seed{seed}")
+    out = os.path.join(run_dir, stage)
+    cmd = [SCRIPTS[stage]]
+    if stage == "pretrain":
+        cmd += ["--config", row.config]
+        if args.scale == "smoke":
+            smoke = _load_yaml(SMOKE)
+            vals = {k: v for k, v in smoke.items() if k not in STAGES}
+            for k, v in (smoke.get("pretrain") or {}).items():
+                # k / wse: the smoke value caps the row's (they must stay below the 2 epochs)
+                vals[k] = min(v, row.pretrain[k]) if k in row.pretrain and isinstance(v, int) else v
+            cmd += _flags(vals)
+    else:
+        cmd += ["--config", SMOKE if args.scale == "smoke" else FULL_EVAL[stage]]
+        if row.scratch:
+            cmd += ["--from_scratch"]
+        else:
+            cmd += ["--finetune", os.path.join(run_dir, "pretrain", "checkpoint-last.pth")]
+    cmd += ["--output_dir", out, "--seed", str(seed)]
+    if args.data_path:
+        cmd += ["--data_path", args.data_path]
+    if args.device:
+        cmd += ["--device", args.device]
+    return cmd
+
+
+def configured_epochs(stage: str, argv: List[str]) -> int:
+    """The epochs a command will train, resolved by the script's own parser (also validates it)."""
+    from util.config import SECTIONS, parse_config
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return parse_config(SECTIONS[stage], stage, argv).epochs
+    finally:
+        os.chdir(cwd)
+
+
+def _last_epoch(log_path: str) -> int:
+    """Epochs recorded in log.txt (last record's epoch + 1), 0 when absent."""
+    if not os.path.isfile(log_path):
+        return 0
+    last = -1
+    with open(log_path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    last = int(json.loads(line)["epoch"])
+                except (ValueError, KeyError):
+                    continue
+    return last + 1
+
+
+def stage_done(stage: str, out_dir: str, epochs: int) -> bool:
+    out_dir = os.path.join(ROOT, out_dir)
+    if stage == "pretrain":
+        return (os.path.isfile(os.path.join(out_dir, "checkpoint-last.pth"))
+                and _last_epoch(os.path.join(out_dir, "log.txt")) >= epochs)
+    res = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(res):
+        return False
+    try:
+        with open(res) as f:
+            return json.load(f).get("epochs") == epochs
+    except (OSError, ValueError):
+        return False
+
+
+def run_stage(cmd: List[str], log_file: str, quiet: bool) -> int:
+    """Run one stage with cwd = repo root; stream its output to the console and to log_file."""
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    with open(log_file, "ab") as log:
+        log.write(f"\n$ {shlex.join([sys.executable] + cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode())
+        proc = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        while True:
+            chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            if not chunk:
+                break
+            log.write(chunk)
+            if not quiet:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        return proc.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--plan", default="report", choices=sorted(PLANS), help="which table to reproduce")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run only these rows (configs/report/NAME.yaml)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 per row")
+    p.add_argument("--scale", default="full", choices=("full", "smoke"),
+                   help="full: the report's recipe; smoke: configs/smoke.yaml settings (tiny model, 2 epochs)")
+    p.add_argument("--dry_run", action="store_true", help="print the commands and exit")
+    p.add_argument("--data_path", default="", help="dataset root passed to every stage (default: the scripts')")
+    p.add_argument("--output_root", default=os.path.join("output", "report"))
+    p.add_argument("--device", default="", help="passed to every stage (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--figures_dir", default="", help="where figures and results.md go "
+                                                    "(default: report_figures/)")
+    p.add_argument("--no_figures", action="store_true", help="skip the figures at the end")
+    p.add_argument("--quiet", action="store_true", help="stage output only to the .out files")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seeds < 1:
+        raise SystemExit("error: --seeds must be >= 1")
+    names = args.only or PLANS[args.plan]
+    unknown = [n for n in names if n not in PLANS[args.plan]]
+    if unknown:
+        raise SystemExit(f"error: not rows of plan {args.plan!r}: {', '.join(unknown)} "
+                         f"(choose from {', '.join(PLANS[args.plan])})")
+    args.output_root = _path_arg(args.output_root)
+    if args.data_path:
+        args.data_path = _path_arg(args.data_path)
+    rows = [Row(n) for n in names]
+
+    failures: List[str] = []
+    for row in rows:
+        for seed in range(args.seeds):
+            run_dir = os.path.join(args.output_root, row.name, f"seed{seed}")
+            cmds = {stage: stage_command(row, stage, seed, args) for stage in row.stages()}
+            if args.dry_run:
+                for stage, cmd in cmds.items():
+                    print(shlex.join(["python"] + cmd))
+                continue
+            os.makedirs(os.path.join(ROOT, run_dir), exist_ok=True)
+            with open(os.path.join(ROOT, run_dir, "commands.json"), "w") as f:
+                json.dump({"reproduce": shlex.join(["python", "reproduce.py", "--plan", args.plan, "--only",
+                                                    row.name, "--scale", args.scale]),
+                           "cwd": ROOT, **{s: shlex.join(["python"] + c) for s, c in cmds.items()}}, f, indent=2)
+            for stage, cmd in cmds.items():
+                out_dir = os.path.join(run_dir, stage)
+                epochs = configured_epochs(stage, cmd[1:])
+                if stage_done(stage, out_dir, epochs):
+                    print(f"[reproduce] {row.name} seed {seed} {stage}: done ({epochs} epochs), skipped")
+                    continue
+                print(f"[reproduce] {row.name} seed {seed} {stage}: {shlex.join(['python'] + cmd)}", flush=True)
+                t0 = time.time()
+                rc = run_stage(cmd, os.path.join(ROOT, run_dir, f"{stage}.out"), args.quiet)
+                if rc != 0 or not stage_done(stage, out_dir, epochs):
+                    failures.append(f"{row.name} seed {seed} {stage} (exit {rc}; see {run_dir}/{stage}.out)")
+                    print(f"[reproduce] FAILED: {failures[-1]}", flush=True)
+                    break  # later stages of this row/seed need this one
+                print(f"[reproduce] {row.name} seed {seed} {stage}: finished in {time.time() - t0:.0f}s")
+    if args.dry_run:
+        return 0
+    if not args.no_figures:
+        from util.figures import make_all
+        fig_dir = _path_arg(args.figures_dir) if args.figures_dir else "report_figures"
+        written = make_all(os.path.join(ROOT, args.output_root), os.path.join(ROOT, fig_dir))
+        print(f"[reproduce] wrote {len(written)} files to {fig_dir}")
+    if failures:
+        print("[reproduce] failed stages:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Runs survive signals, kills during saves, NaNs and bad input without losing finished epochs."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import main_pretrain
+import target_encoder
+from conftest import run_main, smoke_args
+from util.signals import StopRequest
+
+
+def weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt, {**ckpt["model"], **{"target." + k: v for k, v in (ckpt["target"] or {}).items()}}
+
+
+def test_signal_sets_stop_request():
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+    finally:
+        stop.restore()
+
+
+def test_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch, capsys):
+    args = ("--target", "ema", "--wse", "1", "--ema_every", "step", "--tau", "0.8", "--epochs", "3")
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path / "straight", *args))
+
+    class StopAfter(StopRequest):  # a SIGTERM arriving during step 2 of epoch 1
+        calls = 0
+
+        @property
+        def requested(self):
+            StopAfter.calls += 1
+            return StopAfter.calls == 5 + 1 + 2  # 5 steps + 1 end-of-epoch check, then 2 steps
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(main_pretrain, "StopRequest", StopAfter)
+    out = tmp_path / "stopped"
+    run_main("main_pretrain", *smoke_args(cifar_root, out, *args))
+    assert "stopped at epoch 1, step 2" in capsys.readouterr().out
+    ckpt, _ = weights(out / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and ckpt["epoch_step"] == 2
+    monkeypatch.setattr(main_pretrain, "StopRequest", StopRequest)
+    run_main("main_pretrain", *smoke_args(cifar_root, out, *args))  # the same command again
+    _, a = weights(tmp_path / "straight" / "checkpoint-last.pth")
+    _, b = weights(out / "checkpoint-last.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_kill_during_save_keeps_previous_checkpoint(cifar_root, tmp_path, monkeypatch):
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0"))
+    good = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save({"partial": torch.zeros(10)}, f)  # some bytes reach the temp file...
+        raise KeyboardInterrupt  # ...then the process dies
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "2", "--warmup_epochs", "0"))
+    after = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert after["epoch"] == good["epoch"] == 1
+    assert all(torch.equal(after["model"][k], v) for k, v in good["model"].items())
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_root, tmp_path, monkeypatch):
+    real_loss = target_encoder.TargetEncoder.loss
+
+    def nan_in_epoch_1(self, model, imgs, preds, mask, epoch):
+        loss, stats = real_loss(self, model, imgs, preds, mask, epoch)
+        return (loss * float("nan") if epoch == 1 else loss), stats
+
+    monkeypatch.setattr(target_encoder.TargetEncoder, "loss", nan_in_epoch_1)
+    with pytest.raises(SystemExit) as e:
+        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "3"))
+    msg = str(e.value.code)
+    assert "non-finite loss at epoch 1, step 0" in msg and "checkpoint-last.pth" in msg
+    ckpt, w = weights(tmp_path / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_different_config_in_same_output_dir_is_refused(cifar_root, tmp_path, capsys):
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0"))
+    with pytest.raises(SystemExit) as e:
+        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "2", "--warmup_epochs", "0",
+                                              "--mask_ratio", "0.5"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "mask_ratio: 0.75 -> 0.5" in err and len(err.splitlines()) == 1
+    # an explicit --resume of that run continues it with the new settings
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "2", "--warmup_epochs", "0",
+                                          "--mask_ratio", "0.5", "--resume", tmp_path / "checkpoint-last.pth"))
+    with open(tmp_path / "log.txt") as f:
+        assert len(f.readlines()) == 2
+
+
+def test_unwritable_output_dir_detected_at_start(cifar_root, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        run_main("main_pretrain", *smoke_args(cifar_root, blocker / "run"))
+    assert e.value.code == 2 and "is not writable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["main_pretrain", "main_finetune", "main_linprobe"])
+def test_truncated_or_foreign_checkpoint(cifar_root, tmp_path, capsys, script):
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path / "pre", "--epochs", "1", "--warmup_epochs", "0"))
+    data = (tmp_path / "pre" / "checkpoint-last.pth").read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for path, message in [(truncated, "not a readable checkpoint"), (foreign, "not a checkpoint of this project")]:
+        with pytest.raises(SystemExit) as e:
+            run_main(script, *smoke_args(cifar_root, tmp_path / "o", "--resume", path))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and str(path) in err and len(err.splitlines()) == 1
+
+
+def test_checkpoint_of_another_script_is_refused(cifar_root, tmp_path, capsys):
+    run_main("main_finetune", *smoke_args(cifar_root, tmp_path / "ft", "--from_scratch", "--epochs", "1",
+                                          "--warmup_epochs", "0"))
+    with pytest.raises(SystemExit) as e:
+        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path / "o", "--resume", tmp_path / "ft" / "checkpoint-last.pth"))
+    assert e.value.code == 2 and "a finetune checkpoint, expected a pretrain" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_main("main_linprobe", *smoke_args(cifar_root, tmp_path / "o2", "--resume", tmp_path / "ft" / "checkpoint-last.pth"))
+    assert e.value.code == 2 and "cannot resume linprobe" in capsys.readouterr().err

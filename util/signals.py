@@ -1,0 +1,30 @@
+"""Graceful stop: SIGTERM/SIGINT ask the loop to finish its current step and checkpoint."""
+import signal
+
+
+class StopRequest:
+    """Installs handlers; `requested` becomes True on the first SIGTERM or SIGINT.
+
+    A second signal restores the default handler's behaviour (a second Ctrl-C kills).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handlers
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
