@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from target_encoder import TargetEncoder
+from util import distributed as dist
 from util.lr_sched import adjust_learning_rate
 from util.runtime import autocast
 
@@ -36,6 +37,7 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
     # First non-finite step, tracked on the device and read when we sync anyway.
     bad_step = torch.full((), -1, dtype=torch.long, device=next(model.parameters()).device)
     lr, done = 0.0, skip
+    world, rank = dist.world(), dist.rank()
     t0 = time.time()
     bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=None, file=sys.stderr)
@@ -43,8 +45,11 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
         if i < skip:  # the loader's own generator advances exactly as in the first run
             continue
         lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
+        # One global draw of mask noise, each rank keeping its rows (interleaved like the data
+        # shards): N ranks x batch B mask exactly as one process with batch N*B would.
+        noise = torch.rand(len(imgs) * world, model.encoder.num_patches, device=imgs.device)[rank::world]
         with autocast(imgs.device, cfg.precision):  # the target pass runs in bf16 too
-            preds, mask = forward(imgs, cfg.mask_ratio, heads)
+            preds, mask = forward(imgs, cfg.mask_ratio, heads, noise)
             loss, stats = target.loss(model, imgs, preds, mask, epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -55,7 +60,9 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
             sums[key] = sums[key] + value if key in sums else value.clone()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), i, bad_step)
         done = i + 1
-        if stop is not None and stop.requested:
+        # Under DDP every rank must stop at the same step: agree at the print_freq sync points.
+        if stop is not None and (stop.requested if world == 1 else (i + 1) % cfg.print_freq == 0
+                                 and dist.any_rank(stop.requested, imgs.device)):
             break
         if (i + 1) % cfg.print_freq == 0:
             loss_now = loss.item()  # host sync, once every print_freq steps
@@ -66,7 +73,7 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
                 logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i + 1)
     seconds = time.time() - t0
     ran = done - skip
-    out = {key: (value / max(ran, 1)).item() for key, value in sums.items()}
+    out = {key: dist.mean_across_ranks(value / max(ran, 1)).item() for key, value in sums.items()}
     out.update(lr=lr, steps=ran, epoch_step=done, bad_step=int(bad_step.item()), seconds=seconds,
-               images_per_s=ran * cfg.batch_size / max(seconds, 1e-9))
+               images_per_s=ran * cfg.batch_size * world / max(seconds, 1e-9))
     return out

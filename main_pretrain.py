@@ -25,6 +25,7 @@ from util.knn import extract_features, knn_accuracy
 from util.loader import EvalLoader, build_train_loader
 from util.logger import RunLogger
 from util.rundir import prepare_output_dir
+from util import distributed as dist
 from util.runtime import resolve_device, seed_epoch, speed_options
 from util.signals import StopRequest
 
@@ -58,19 +59,25 @@ def find_resume(cfg) -> str:
 @cli
 def main(argv=None) -> None:
     cfg = parse_config(PretrainConfig, "pretrain", argv)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # model initialisation
-    cfg.resolve(world_size=1)
-    prepare_output_dir(cfg)
+    device = dist.init_distributed(resolve_device(cfg.device))
+    torch.manual_seed(cfg.seed)  # model initialisation: identical on every rank
+    cfg.resolve(world_size=dist.world())
+    prepare_output_dir(cfg, write=dist.is_main())
 
     images, labels, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
-    if len(images) < cfg.batch_size:
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(images)} images)")
+    if len(images) < cfg.batch_size * dist.world():
+        raise UserError(f"batch_size {cfg.batch_size} x {dist.world()} ranks is larger than the dataset "
+                        f"({len(images)} images)")
     mean, std = dataset_stats(cfg.dataset)
     model = create_model(cfg.model, img_size=images.shape[1], in_chans=images.shape[3]).to(device)
     loader = build_train_loader(cfg, images, labels, device, mean, std, scale=(0.2, 1.0),
                                 transform=pretrain_transform(images.shape[1], mean, std))
-    forward = speed_options(model, cfg, device)
+    forward = model
+    if dist.world() > 1:
+        # The head a phase does not use gets no gradient (pixel head after the switch, feature
+        # head before it), hence find_unused_parameters. The target encoder stays outside DDP.
+        forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    forward = speed_options(forward, cfg, device)
     optimizer = build_optimizer(model, cfg)
     target = build_target(cfg)
 
@@ -89,8 +96,9 @@ def main(argv=None) -> None:
         resumed_rng = ckpt["rng"] if epoch_step else None
         print(f"resumed from {resume} at epoch {start_epoch}" + (f", step {epoch_step}" if epoch_step else ""))
 
-    save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
-    logger = RunLogger(cfg.output_dir)
+    if dist.is_main():
+        save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
+    logger = RunLogger(cfg.output_dir, enabled=dist.is_main())
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg.model} ({n_params / 1e6:.2f}M params) target={cfg.target} on {device}, "
           f"{len(images)} images, {len(loader)} steps/epoch, lr {cfg.lr:.2e}, output {cfg.output_dir}")
@@ -113,6 +121,8 @@ def main(argv=None) -> None:
                      f"{last_path if os.path.isfile(last_path) else 'none'}")
         step += stats.pop("steps")
         epoch_step = stats.pop("epoch_step")
+        if dist.world() > 1 and not dist.all_equal(target.checksum().to(device)):
+            sys.exit(f"error: target encoders differ across ranks after epoch {epoch}")
         finished = epoch_step == len(loader)
         if finished:
             target.on_epoch_end(epoch, model.encoder)
@@ -120,17 +130,18 @@ def main(argv=None) -> None:
                  "optimizer": optimizer.state_dict(), "epoch": epoch + 1 if finished else epoch,
                  "epoch_step": 0 if finished else epoch_step, "step": step,
                  "config": cfg.to_dict(), "rng": rng_state()}
-        save_checkpoint(state, last_path)
+        if dist.is_main():
+            save_checkpoint(state, last_path)
         if not finished:
             print(f"{stop.signal_name}: stopped at epoch {epoch}, step {epoch_step}; saved {last_path}. "
                   f"Rerun the same command to continue.")
             break
         epoch_step = 0
-        if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs:
+        if dist.is_main() and ((epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs):
             save_checkpoint(state, os.path.join(cfg.output_dir, f"checkpoint-{epoch + 1}.pth"))
         record = {"epoch": epoch, **target.describe(epoch), "target_refreshed": refreshed,
                   **stats, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+        if dist.is_main() and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
             record["knn_acc"] = knn_monitor(model, cfg, device, mean, std, num_classes)
         logger.epoch(record)
         print(f"epoch {epoch}: loss {stats['loss']:.4f} ({record['regress']}) "
@@ -144,6 +155,7 @@ def main(argv=None) -> None:
         print(f"done: {last_path}")
     stop.restore()
     logger.close()
+    dist.barrier()  # rank 0's last save is on disk before any rank exits
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ Shapes used throughout (N images, L = (H/p)*(W/p) patches, D encoder width):
     mask:   (N, L)             0 is keep, 1 is remove
 """
 from functools import partial
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,11 +27,14 @@ def sincos_pos_embed(grid_size: int, dim: int, cls_token: bool = True) -> torch.
     return pe.unsqueeze(0)
 
 
-def random_masking(x: torch.Tensor, mask_ratio: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep a random subset of tokens per sample, by argsort of uniform noise (no Python loop).
 
     Args:
         x: (N, L, D) tokens.
+        noise: (N, L) uniform noise deciding the mask (drawn here when None); passing it lets
+            data-parallel ranks take their rows of one global draw.
     Returns:
         x_kept: (N, L_keep, D) with L_keep = int(L * (1 - mask_ratio)),
         mask: (N, L), 0 is keep, 1 is remove, in the original token order,
@@ -39,7 +42,8 @@ def random_masking(x: torch.Tensor, mask_ratio: float) -> Tuple[torch.Tensor, to
     """
     n, length, dim = x.shape
     len_keep = int(length * (1 - mask_ratio))
-    noise = torch.rand(n, length, device=x.device)
+    if noise is None:
+        noise = torch.rand(n, length, device=x.device)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
@@ -82,7 +86,7 @@ class MAEEncoder(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def forward_masked(self, imgs: torch.Tensor, mask_ratio: float
+    def forward_masked(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the visible patches only.
 
@@ -90,7 +94,7 @@ class MAEEncoder(nn.Module):
             latent: (N, 1 + L_keep, D) normalised, cls first,
             mask: (N, L), ids_restore: (N, L) as in `random_masking`.
         """
-        x, mask, ids_restore = random_masking(self._embed(imgs), mask_ratio)
+        x, mask, ids_restore = random_masking(self._embed(imgs), mask_ratio, noise)
         x = self._prepend_cls(x)
         for blk in self.blocks:
             x = blk(x)
@@ -200,14 +204,15 @@ class MaskedAutoencoderViT(nn.Module):
         return self.decoder_norm(x)[:, 1:, :]
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75,
-                heads: Sequence[str] = ("pixel",)) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+                heads: Sequence[str] = ("pixel",), noise: Optional[torch.Tensor] = None
+                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """Mask, encode, decode, and apply the requested heads.
 
         Returns:
             preds: {"pixel": (N, L, p*p*C), "feature": (N, L, D)} for the heads asked for,
             mask: (N, L), 0 is keep, 1 is remove.
         """
-        latent, mask, ids_restore = self.encoder.forward_masked(imgs, mask_ratio)
+        latent, mask, ids_restore = self.encoder.forward_masked(imgs, mask_ratio, noise)
         x = self.forward_decoder(latent, ids_restore)
         preds = {h: getattr(self, self.heads[h])(x) for h in heads}
         return preds, mask

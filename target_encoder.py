@@ -155,6 +155,13 @@ class TargetEncoder:
                  "pred_std": pred.detach().float().std(dim=(0, 1)).mean()}
         return loss, stats
 
+    @torch.no_grad()
+    def checksum(self) -> torch.Tensor:
+        """A float64 fingerprint of the target weights (0 when there is none), for rank checks."""
+        if self.encoder is None:
+            return torch.zeros((), dtype=torch.float64)
+        return sum(t.double().sum() * (i + 1) for i, t in enumerate(_tensors(self.encoder))).cpu()
+
     # ---- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         return None if self.encoder is None else self.encoder.state_dict()

@@ -449,8 +449,7 @@ def feature_similarity_figure(ckpt_path: str, out_path: str, n: int = 8, seed: i
     n = imgs.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.6))
     axes = np.asarray(axes).reshape(2, n)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     im = None
     for i in range(n):
         axes[0, i].imshow(show[i], interpolation="nearest")

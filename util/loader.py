@@ -18,19 +18,21 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class PermutationSampler(Sampler):
-    """Yields `epoch_permutation(n, seed, epoch)`; `set_epoch` picks the epoch."""
+    """Yields this rank's shard perm[rank::world_size] of `epoch_permutation(n, seed, epoch)`."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world_size
 
     def __iter__(self):
-        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
+        perm = epoch_permutation(self.n, self.seed, self.epoch)[:len(self) * self.world_size]
+        return iter(perm[self.rank::self.world_size].tolist())
 
 
 class TorchvisionLoader:
@@ -38,9 +40,9 @@ class TorchvisionLoader:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform, batch_size: int,
                  device: torch.device, seed: int = 0, num_workers: int = 4, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, rank: int = 0, world_size: int = 1):
         self.device, self.seed = device, seed
-        self.sampler = PermutationSampler(len(images), seed) if shuffle else None
+        self.sampler = PermutationSampler(len(images), seed, rank, world_size) if shuffle else None
         # Worker processes draw their augmentation seeds from this generator, reseeded per epoch.
         self.generator = seeded_generator(seed, 0)
         # drop_last keeps every step the same shape (no recompiles, no tiny last batch).
@@ -69,11 +71,13 @@ def build_train_loader(cfg, images: np.ndarray, labels: np.ndarray, device: torc
     in_memory does crop+flip+normalise as batched tensor ops on the device; torchvision runs
     `transform` per image in worker processes (the classic path).
     """
+    from util.distributed import rank, world
     if cfg.data_loader == "in_memory":
         from util.gpu_loader import InMemoryLoader
         return InMemoryLoader(images, labels, cfg.batch_size, device, cfg.seed, mean=mean, std=std,
-                              crop=augment, flip=augment, scale=scale)
-    return TorchvisionLoader(images, labels, transform, cfg.batch_size, device, cfg.seed, cfg.num_workers)
+                              crop=augment, flip=augment, scale=scale, rank=rank(), world_size=world())
+    return TorchvisionLoader(images, labels, transform, cfg.batch_size, device, cfg.seed, cfg.num_workers,
+                             rank=rank(), world_size=world())
 
 
 class EvalLoader:

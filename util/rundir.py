@@ -46,7 +46,8 @@ def check_same_run(cfg_dict: Dict[str, Any], output_dir: str, explicit_resume: b
                         f"--resume {os.path.join(output_dir, 'checkpoint-last.pth')} to continue it")
 
 
-def prepare_output_dir(cfg) -> None:
-    """Both guards, for a resolved config."""
+def prepare_output_dir(cfg, write: bool = True) -> None:
+    """Both guards, for a resolved config; `write=False` on ranks that never write."""
     check_same_run(cfg.to_dict(), cfg.output_dir, explicit_resume=bool(cfg.resume))
-    ensure_writable(cfg.output_dir)
+    if write:
+        ensure_writable(cfg.output_dir)

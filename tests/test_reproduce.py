@@ -1,0 +1,171 @@
+"""reproduce.py: smoke-scale plan end to end, skipping finished stages, resuming interrupted
+ones, and every full-scale --dry_run command accepted by its script's own parser.
+
+To stay fast on a CPU, most stages run in-process (reproduce.run_stage patched to call the
+script's main()); one test runs a real subprocess.
+"""
+import contextlib
+import importlib
+import io
+import json
+import os
+import shlex
+
+import pytest
+
+import reproduce
+from conftest import ROOT, run_main
+from util.config import SECTIONS, parse_config
+from util.figures import FIGURES
+
+ROWS = ["scratch", "pixel", "ema_wse5"]
+SCRIPT_STAGE = {v: k for k, v in reproduce.SCRIPTS.items()}
+
+
+def _in_process(cmd, log_file, quiet):
+    """Stand-in for reproduce.run_stage: the script's main() in this process, cwd = repo root."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        importlib.import_module(cmd[0][:-3]).main(cmd[1:])
+        return 0
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        os.chdir(cwd)
+
+
+def _log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _dry_run(*argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert reproduce.main(["--dry_run", *argv]) == 0
+    return [shlex.split(line) for line in buf.getvalue().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def smoke_plan(cifar_root, tmp_path_factory):
+    """Run the smoke plan on ROWS after pixel's pretraining was interrupted after 1 of 2 epochs."""
+    base = tmp_path_factory.mktemp("report")
+    runs, figs = str(base / "runs"), str(base / "figs")
+    common = ["--plan", "report", "--scale", "smoke", "--data_path", cifar_root, "--output_root", runs,
+              "--figures_dir", figs, "--quiet"]
+    # the pixel pretraining command the runner will issue, stopped by hand after epoch 1 of 2
+    cmd = next(c for c in _dry_run(*common, "--only", "pixel") if c[1] == "main_pretrain.py")
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        run_main("main_pretrain", *cmd[2:], "--epochs", "1")
+    finally:
+        os.chdir(cwd)
+    pre_log = os.path.join(runs, "pixel", "seed0", "pretrain", "log.txt")
+    interrupted = _log(pre_log)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(reproduce, "run_stage", _in_process)
+    try:
+        assert reproduce.main([*common, "--only", *ROWS]) == 0
+    finally:
+        mp.undo()
+    return {"runs": runs, "figs": figs, "common": common, "interrupted": interrupted, "pre_log": pre_log}
+
+
+def test_smoke_plan_end_to_end(smoke_plan):
+    runs, figs = smoke_plan["runs"], smoke_plan["figs"]
+    for row in ROWS:
+        stages = ("finetune", "linprobe") if row == "scratch" else ("pretrain", "finetune", "linprobe")
+        for st in stages:
+            d = os.path.join(runs, row, "seed0", st)
+            assert len(_log(os.path.join(d, "log.txt"))) == 2, (row, st)
+            if st != "pretrain":
+                with open(os.path.join(d, "results.json")) as f:
+                    r = json.load(f)
+                assert r["epochs"] == 2 and (r["init"] is None) == (row == "scratch")
+        assert not os.path.exists(os.path.join(runs, "scratch", "seed0", "pretrain"))
+    for f in FIGURES + ("results.md", "results.json", "recon_pixel.png", "featsim_ema_wse5.png"):
+        assert os.path.getsize(os.path.join(figs, f)) > 0, f
+    with open(os.path.join(figs, "results.md")) as f:
+        table = [line for line in f if line.startswith("| ") and not line.startswith("| row")]
+    assert sorted(line.split("|")[1].strip() for line in table) == sorted(ROWS)
+    assert any("81.1" in line for line in table)  # the report's number beside ours
+    # the smoke caps reached the run: ema_wse5 regressed pixels for 1 epoch, then features
+    ema = _log(os.path.join(runs, "ema_wse5", "seed0", "pretrain", "log.txt"))
+    assert [r["regress"] for r in ema] == ["pixel", "feature"] and ema[1]["target_refreshed"]
+
+
+def test_interrupted_pretraining_was_continued(smoke_plan):
+    log = _log(smoke_plan["pre_log"])
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert log[0] == smoke_plan["interrupted"][0]  # epoch 0 was not retrained
+
+
+def test_rerun_skips_finished_stages(smoke_plan, monkeypatch):
+    runs = smoke_plan["runs"]
+    logs = [os.path.join(dp, "log.txt") for dp, _, fs in os.walk(runs) if "log.txt" in fs]
+    before = {p: (os.path.getmtime(p), len(_log(p))) for p in logs}
+
+    def forbidden(cmd, log_file, quiet):
+        raise AssertionError(f"stage rerun: {cmd}")
+
+    monkeypatch.setattr(reproduce, "run_stage", forbidden)
+    assert reproduce.main([*smoke_plan["common"], "--only", *ROWS, "--no_figures"]) == 0
+    assert {p: (os.path.getmtime(p), len(_log(p))) for p in logs} == before
+
+
+def test_stage_without_results_resumes_in_a_subprocess(smoke_plan):
+    """A real subprocess: the finished probe lost its results.json; the runner reruns the
+    command, the script finds its checkpoint at the last epoch and only rewrites results.json."""
+    d = os.path.join(smoke_plan["runs"], "scratch", "seed0", "linprobe")
+    os.remove(os.path.join(d, "results.json"))
+    before = _log(os.path.join(d, "log.txt"))
+    assert reproduce.main([*smoke_plan["common"], "--only", "scratch", "--no_figures"]) == 0
+    assert _log(os.path.join(d, "log.txt")) == before
+    with open(os.path.join(d, "results.json")) as f:
+        assert json.load(f)["epochs"] == 2
+
+
+@pytest.mark.parametrize("scale", ["full", "smoke"])
+def test_dry_run_commands_parse(scale, monkeypatch, tmp_path):
+    cmds = _dry_run("--plan", "report", "--scale", scale, "--seeds", "2", "--data_path", str(tmp_path))
+    n_rows = len(reproduce.REPORT_PLAN)
+    assert len(cmds) == 2 * (3 * n_rows - 1)  # scratch has no pretraining stage
+    monkeypatch.chdir(ROOT)
+    seen = {}
+    for cmd in cmds:
+        assert cmd[0] == "python" and cmd[1] in SCRIPT_STAGE
+        stage = SCRIPT_STAGE[cmd[1]]
+        cfg = parse_config(SECTIONS[stage], stage, cmd[2:])
+        row = cfg.output_dir.split(os.sep)[-3]
+        assert cfg.output_dir.endswith(os.path.join(row, f"seed{cfg.seed}", stage))
+        assert cfg.data_path == str(tmp_path)
+        if stage == "pretrain":
+            seen[row] = cfg
+            if scale == "full":  # the report's recipe, only the row's parameter varies
+                assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.warmup_epochs) == \
+                       ("mae_vit_tiny_patch4", 200, 512, 40)
+            else:
+                assert cfg.epochs == 2 and cfg.model == "mae_vit_smoke_patch4" and cfg.device == "cpu"
+        else:
+            assert cfg.from_scratch == (row == "scratch")
+            assert cfg.epochs == (100 if scale == "full" else 2)
+            if row != "scratch":
+                assert cfg.finetune == os.path.join(os.path.dirname(os.path.dirname(cfg.output_dir)),
+                                                    "seed" + str(cfg.seed), "pretrain", "checkpoint-last.pth")
+    if scale == "full":
+        assert seen["pixel"].target == "pixel"
+        assert [seen[f"mae_k{k}"].k for k in (1, 2, 4, 10, 20)] == [1, 2, 4, 10, 20]
+        assert all(seen[f"mae_k{k}"].target == "mae_k" for k in (1, 2, 4, 10, 20))
+        assert [(seen[f"ema_wse{w}"].wse, seen[f"ema_wse{w}"].tau) for w in (0, 1, 5, 20, 40, 80)] == \
+               [(w, 0.995) for w in (0, 1, 5, 20, 40, 80)]
+        assert (seen["ema_tau0.9_wse5"].tau, seen["ema_tau0.9_wse5"].wse) == (0.9, 5)
+        assert (seen["ema_tau0.7_wse5"].tau, seen["ema_tau0.7_wse5"].wse) == (0.7, 5)
+    else:
+        assert seen["ema_wse0"].wse == 0 and seen["ema_wse80"].wse == 1 and seen["mae_k20"].k == 1
+
+
+def test_unknown_row_is_an_error():
+    with pytest.raises(SystemExit, match="not rows of plan"):
+        reproduce.main(["--only", "nope", "--dry_run"])
