@@ -13,6 +13,7 @@ from tqdm import tqdm
 from util.checkpoint import rng_state, save_checkpoint
 from util.logger import RunLogger
 from util.lr_sched import adjust_learning_rate
+from util import distributed as dist
 from util.runtime import autocast, seed_epoch
 
 
@@ -50,7 +51,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
             if logger is not None:
                 logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i + 1)
     seconds = time.time() - t0
-    return {"train_loss": (loss_sum / max(n_steps, 1)).item(), "lr": lr, "steps": n_steps,
+    return {"train_loss": dist.mean_across_ranks(loss_sum / max(n_steps, 1)).item(), "lr": lr, "steps": n_steps,
             "seconds": seconds, "images_per_s": n_steps * cfg.batch_size / max(seconds, 1e-9)}
 
 
@@ -90,7 +91,7 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
         start_epoch, step = own_ckpt["epoch"], own_ckpt["step"]
         best, last = own_ckpt["best_acc1"], own_ckpt["last"]
         print(f"resumed {kind} at epoch {start_epoch} (best acc@1 so far {best:.2f})")
-    logger = RunLogger(cfg.output_dir)
+    logger = RunLogger(cfg.output_dir, enabled=dist.is_main())
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)
         train_loader.set_epoch(epoch)
@@ -101,8 +102,9 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
         state = {"kind": kind, "model": save_module.state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": epoch + 1, "step": step, "config": cfg.to_dict(), "best_acc1": best,
                  "last": last, "rng": rng_state(), **extra}
-        save_checkpoint(state, os.path.join(cfg.output_dir, "checkpoint-last.pth"))
-        if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs:
+        if dist.is_main():
+            save_checkpoint(state, os.path.join(cfg.output_dir, "checkpoint-last.pth"))
+        if dist.is_main() and ((epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs):
             save_checkpoint(state, os.path.join(cfg.output_dir, f"checkpoint-{epoch + 1}.pth"))
         logger.epoch({"epoch": epoch, **stats, **last, "best_acc1": best, "step": step})
         print(f"epoch {epoch}: train loss {stats['train_loss']:.4f}, test acc@1 {last['test_acc1']:.2f} "
@@ -110,8 +112,10 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
     logger.close()
     results = {"kind": kind, "best_acc1": best, "last_acc1": last.get("test_acc1"),
                "last_acc5": last.get("test_acc5"), "epochs": cfg.epochs, **extra}
-    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if dist.is_main():
+        with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    dist.barrier()
     print(f"{kind}: best acc@1 {best:.2f}, last {results['last_acc1']:.2f} -> "
           f"{os.path.join(cfg.output_dir, 'results.json')}")
     return results

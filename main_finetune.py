@@ -21,6 +21,7 @@ from util.errors import UserError, cli
 from util.loader import EvalLoader, TorchvisionLoader
 from util.pretrained import prepare_run
 from util.rundir import prepare_output_dir
+from util import distributed as dist
 from util.runtime import resolve_device, speed_options
 
 
@@ -35,11 +36,11 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 @cli
 def main(argv=None) -> None:
     cfg = parse_config(FinetuneConfig, "finetune", argv)
-    device = resolve_device(cfg.device)
+    device = dist.init_distributed(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)  # model initialisation
     start, own = prepare_run(cfg, "finetune")
-    cfg.resolve(world_size=1)
-    prepare_output_dir(cfg)
+    cfg.resolve(world_size=dist.world())
+    prepare_output_dir(cfg, write=dist.is_main())
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
 
@@ -59,7 +60,8 @@ def main(argv=None) -> None:
     model.to(device)
 
     train_loader = TorchvisionLoader(train_x, train_y, finetune_transform(cfg, img_size, mean, std),
-                                     cfg.batch_size, device, cfg.seed, cfg.num_workers)
+                                     cfg.batch_size, device, cfg.seed, cfg.num_workers,
+                                     rank=dist.rank(), world_size=dist.world())
     test_loader = EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std)
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -72,10 +74,13 @@ def main(argv=None) -> None:
     else:
         criterion = torch.nn.CrossEntropyLoss()
     optimizer = build_optimizer(model, cfg)
-    forward = speed_options(model, cfg, device)
+    forward = model
+    if dist.world() > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+    forward = speed_options(forward, cfg, device)
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
+    if dist.is_main():
+        save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
     print(f"fine-tuning {cfg.model} on {device}: {len(train_x)} images, lr {cfg.lr:.2e}, "
           f"output {cfg.output_dir}")
     fit(cfg, "finetune", forward, optimizer, criterion, train_loader, test_loader, own,

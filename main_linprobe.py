@@ -19,6 +19,7 @@ from util.knn import extract_features, knn_accuracy
 from util.loader import EvalLoader, TensorLoader, build_train_loader
 from util.pretrained import prepare_run
 from util.rundir import prepare_output_dir
+from util import distributed as dist
 from util.runtime import resolve_device, speed_options
 
 
@@ -40,11 +41,11 @@ def train_transform(img_size: int, mean, std):
 @cli
 def main(argv=None) -> None:
     cfg = parse_config(LinprobeConfig, "linprobe", argv)
-    device = resolve_device(cfg.device)
+    device = dist.init_distributed(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)  # model initialisation
     start, own = prepare_run(cfg, "linprobe")
-    cfg.resolve(world_size=1)
-    prepare_output_dir(cfg)
+    cfg.resolve(world_size=dist.world())
+    prepare_output_dir(cfg, write=dist.is_main())
 
     train_x, train_y, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
     test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)
@@ -86,10 +87,12 @@ def main(argv=None) -> None:
         train_loader = build_train_loader(cfg, train_x, train_y, device, mean, std, scale=(0.08, 1.0),
                                           augment=cfg.aug, transform=transform)
     optimizer = build_optimizer(probe.head, cfg)
+    if dist.world() > 1:  # DDP syncs only parameters that require grad: the head's
+        model = torch.nn.parallel.DistributedDataParallel(model)
     model = speed_options(model, cfg, device)
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
+    if dist.is_main():
+        save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
     print(f"linear probe of {cfg.model} on {device}: lr {cfg.lr:.2e}, output {cfg.output_dir}")
     fit(cfg, "linprobe", model, optimizer, torch.nn.CrossEntropyLoss(), train_loader, test_loader,
         own, save_module=probe, extra=results_extra)

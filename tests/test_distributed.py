@@ -33,3 +33,22 @@ def test_two_process_ddp_matches_one_process(cifar_root, tmp_path):
     with open(two / "log.txt") as f:
         assert len(f.readlines()) == 2
     assert not [p for p in os.listdir(two) if ".tmp" in p]
+
+
+def test_two_process_finetune_and_probe(cifar_root, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pre = tmp_path / "pre"
+    subprocess.run([sys.executable, "main_pretrain.py", "--config", SMOKE, "--data_path", cifar_root,
+                    "--output_dir", str(pre), "--epochs", "1", "--warmup_epochs", "0"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    for script, port in (("main_finetune.py", "29618"), ("main_linprobe.py", "29619")):
+        out = tmp_path / script
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", port, script, "--config", SMOKE, "--data_path", cifar_root,
+                            "--finetune", str(pre / "checkpoint-last.pth"), "--output_dir", str(out),
+                            "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "0"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (out / "results.json").exists()
+        state = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
+        assert not any(k.startswith("module.") or ".module." in k for k in state)  # loads in 1 process
