@@ -54,7 +54,7 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        target.on_step_end(epoch, model.encoder)
+        target.on_step_end(epoch, model.encoder, step + i - skip + 1)
 
         for key, value in {"loss": loss.detach(), **stats}.items():
             sums[key] = sums[key] + value if key in sums else value.clone()
@@ -70,7 +70,7 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
                 break  # stop early: later steps would only train on NaN weights
             bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}")
             if logger is not None:
-                logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i + 1)
+                logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i - skip + 1)
     seconds = time.time() - t0
     ran = done - skip
     out = {key: dist.mean_across_ranks(value / max(ran, 1)).item() for key, value in sums.items()}

@@ -79,7 +79,9 @@ def main(argv=None) -> None:
         forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     forward = speed_options(forward, cfg, device)
     optimizer = build_optimizer(model, cfg)
-    target = build_target(cfg)
+    target = build_target(cfg, steps_per_epoch=len(loader))
+    if cfg.target_layers > len(model.encoder.blocks):
+        raise UserError(f"target_layers {cfg.target_layers} exceeds the encoder depth {len(model.encoder.blocks)}")
 
     start_epoch, step, epoch_step, resumed_rng = 0, 0, 0, None
     resume = find_resume(cfg)
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
         except RuntimeError as e:
             raise UserError(f"{resume}: does not match model {cfg.model} ({str(e).splitlines()[0]})")
         optimizer.load_state_dict(ckpt["optimizer"])
-        target.load_state_dict(ckpt["target"], model.encoder)
+        target.load_state_dict(ckpt["target"], model.encoder, ckpt.get("target_slow"))
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         epoch_step = ckpt.get("epoch_step", 0)  # > 0: stopped inside epoch `start_epoch`
         resumed_rng = ckpt["rng"] if epoch_step else None
@@ -127,6 +129,7 @@ def main(argv=None) -> None:
         if finished:
             target.on_epoch_end(epoch, model.encoder)
         state = {"kind": "pretrain", "model": model.state_dict(), "target": target.state_dict(),
+                 "target_slow": target.slow_state_dict(),
                  "optimizer": optimizer.state_dict(), "epoch": epoch + 1 if finished else epoch,
                  "epoch_step": 0 if finished else epoch_step, "step": step,
                  "config": cfg.to_dict(), "rng": rng_state()}

@@ -105,11 +105,20 @@ class PretrainConfig(RunConfig):
     model: str = opt("mae_vit_tiny_patch4", "model name in models_mae.MODELS")
     mask_ratio: float = opt(0.75, "fraction of patches removed")
     norm_pix_loss: bool = opt(False, "regress per-patch normalised pixels (MAE's option)")
-    target: str = opt("pixel", "reconstruction target", ("pixel", "mae_k", "ema"))
+    target: str = opt("pixel", "reconstruction target (dual: EMA + every-K snapshot)",
+                      ("pixel", "mae_k", "ema", "dual"))
     k: int = opt(10, "mae_k: refresh the target encoder every K epochs (pixels before epoch K)")
     tau: float = opt(0.995, "ema: target = tau * target + (1 - tau) * online (0.995 = slow)")
     wse: int = opt(20, "ema: warm-up epochs on pixels before the target encoder is created")
     ema_every: str = opt("epoch", "ema: update after every epoch or every optimizer step", ("epoch", "step"))
+    tau_end: Optional[float] = opt(None, "ema: anneal tau to this value on a cosine over training (BYOL/DINO)")
+    target_layers: int = opt(1, "target = mean of the top N encoder blocks' outputs (data2vec)")
+    target_norm: str = opt("none", "parameter-free normalisation of target tokens",
+                           ("none", "layernorm", "instancenorm"))
+    target_prenorm: bool = opt(False, "take blocks before the final LayerNorm (BootMAE)")
+    pixel_weight: float = opt(0.0, "after the switch, keep the pixel loss with this weight (BootMAE)")
+    feature_ramp: int = opt(0, "after the switch, ramp the feature loss weight to 1 over this many epochs")
+    slow_lambda: float = opt(0.2, "dual: weight of the every-K snapshot loss")
     epochs: int = opt(200, "pretraining epochs")
     warmup_epochs: int = opt(40, "linear warm-up epochs before the cosine decay")
     knn_every: int = opt(0, "run the kNN monitor every N epochs and at the end (0: never)")
@@ -125,10 +134,15 @@ class PretrainConfig(RunConfig):
             (0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}"),
             (self.k >= 1, f"k must be >= 1, got {self.k}"),
             (0 <= self.tau < 1, f"tau must be in [0, 1), got {self.tau}"),
-            (self.target != "ema" or 0 <= self.wse < self.epochs,
-             f"wse must be in [0, epochs={self.epochs}), got {self.wse}"),
             (self.wse >= 0, f"wse must be >= 0, got {self.wse}"),
             (self.knn_every >= 0, f"knn_every must be >= 0, got {self.knn_every}"),
+            (self.target not in ("ema", "dual") or 0 <= self.wse < self.epochs,
+             f"wse must be in [0, epochs={self.epochs}), got {self.wse}"),
+            (self.tau_end is None or 0 <= self.tau_end < 1, f"tau_end must be in [0, 1), got {self.tau_end}"),
+            (1 <= self.target_layers <= 64, f"target_layers must be >= 1, got {self.target_layers}"),
+            (self.pixel_weight >= 0, f"pixel_weight must be >= 0, got {self.pixel_weight}"),
+            (self.feature_ramp >= 0, f"feature_ramp must be >= 0, got {self.feature_ramp}"),
+            (self.slow_lambda >= 0, f"slow_lambda must be >= 0, got {self.slow_lambda}"),
             (self.knn_k >= 1, f"knn_k must be >= 1, got {self.knn_k}"),
             (self.knn_t > 0, f"knn_t must be > 0, got {self.knn_t}"),
         ]
