@@ -21,7 +21,7 @@ import yaml
 
 from util.errors import UserError
 
-DATASETS = ("cifar10",)
+DATASETS = ("cifar10", "fashion_mnist")
 DATA_LOADERS = ("in_memory", "torchvision")
 
 
@@ -36,7 +36,8 @@ class RunConfig:
     config: str = opt("", "YAML file with defaults; command-line flags override it")
     # data
     dataset: str = opt("cifar10", "dataset name", DATASETS)
-    data_path: str = opt("./data", "dataset root (CIFAR-10: the folder holding cifar-10-batches-py)")
+    data_path: str = opt("./data", "dataset root (CIFAR-10: the folder holding cifar-10-batches-py; "
+                                   "Fashion-MNIST: the folder holding the idx files)")
     data_loader: str = opt("in_memory", "in_memory: uint8 set on the device, batched crop/flip; "
                                         "torchvision: per-image PIL transforms in workers", DATA_LOADERS)
     num_workers: int = opt(4, "DataLoader worker processes (torchvision pipeline)")

@@ -4,6 +4,7 @@ CIFAR-10 is read straight from its `cifar-10-batches-py` pickles with a small re
 checks structure (keys, shapes, dtypes), not md5: torchvision's CIFAR10 class refuses any
 copy whose checksums differ from the official release, so it is used only to download.
 """
+import gzip
 import os
 import pickle
 from typing import Tuple
@@ -16,6 +17,9 @@ from torchvision import transforms
 
 from util.errors import UserError
 
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+FASHION_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_DIR = "cifar-10-batches-py"
@@ -79,9 +83,43 @@ def ensure_cifar10(root: str, download: bool = True) -> None:
         raise UserError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
+def _read_idx(root: str, name: str, ndim: int) -> np.ndarray:
+    """One file of the MNIST idx format (plain or .gz): magic 0x0000 08 NDIM, big-endian dims."""
+    for path in (os.path.join(root, name), os.path.join(root, name + ".gz")):
+        if os.path.isfile(path):
+            break
+    else:
+        raise UserError(f"Fashion-MNIST file {name}[.gz] not found in {root} (Debian: apt-get install "
+                        f"dataset-fashion-mnist, then --data_path /usr/share/datasets/fashion-mnist)")
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 + 4 * ndim or data[:3] != b"\0\0\x08" or data[3] != ndim:
+        raise UserError(f"{path}: not an idx file of uint8 with {ndim} dimensions")
+    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    if len(data) != 4 + 4 * ndim + int(np.prod(dims)):
+        raise UserError(f"{path}: truncated idx file")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def read_fashion_mnist(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Returns images (N, 32, 32, 1) uint8 and labels (N,) int64.
+
+    The 28x28 images are zero-padded (2 pixels a side, the background is black) to 32x32 so
+    the 4x4-patch models see an 8x8 grid; grayscale stays one channel (models get in_chans=1).
+    """
+    images = _read_idx(root, FASHION_FILES[train][0], 3)
+    labels = _read_idx(root, FASHION_FILES[train][1], 1).astype(np.int64)
+    if len(images) != len(labels):
+        raise UserError(f"{root}: {len(images)} Fashion-MNIST images but {len(labels)} labels")
+    return np.ascontiguousarray(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]), labels
+
+
 def load_dataset(name: str, root: str, train: bool, download: bool = True
                  ) -> Tuple[np.ndarray, np.ndarray, int]:
     """Returns images (N, H, W, C) uint8, labels (N,) int64, number of classes."""
+    if name == "fashion_mnist":
+        images, labels = read_fashion_mnist(root, train)
+        return images, labels, 10
     if name != "cifar10":
         raise UserError(f"unknown dataset {name!r}")
     ensure_cifar10(root, download)
@@ -93,7 +131,7 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True
 
 def dataset_stats(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Per-channel mean and std used for normalisation."""
-    return CIFAR10_MEAN, CIFAR10_STD
+    return (FASHION_MEAN, FASHION_STD) if name == "fashion_mnist" else (CIFAR10_MEAN, CIFAR10_STD)
 
 
 class ArrayDataset(Dataset):
@@ -106,7 +144,8 @@ class ArrayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        img = Image.fromarray(self.images[i])
+        img = self.images[i]
+        img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)  # grayscale: mode "L"
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[i])

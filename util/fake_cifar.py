@@ -45,3 +45,18 @@ if __name__ == "__main__":
     p.add_argument("--test_size", type=int, default=128)
     a = p.parse_args()
     print(write_fake_cifar10(a.root, a.per_batch, a.test_size))
+
+
+def write_fake_fashion_mnist(root: str, n_train: int = 160, n_test: int = 64, seed: int = 0) -> str:
+    """Write the four Fashion-MNIST files in the real idx format (gzipped) with learnable images."""
+    import gzip
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs, labels = make_images(n, rng)
+        gray = imgs.mean(axis=3)[:, 2:30, 2:30].astype(np.uint8)  # 28x28, one channel
+        for name, arr in ((f"{prefix}-images-idx3-ubyte", gray), (f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))):
+            header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            with gzip.open(os.path.join(root, name + ".gz"), "wb") as f:
+                f.write(header + arr.tobytes())
+    return root
