@@ -16,13 +16,12 @@ import models_vit
 from engine_finetune import fit
 from util.augment import finetune_transform
 from util.config import FinetuneConfig, parse_config, save_yaml
-from util.datasets import dataset_stats, load_dataset
+from util.datasets import dataset_stats, load_splits
 from util.errors import UserError, cli
 from util.loader import EvalLoader, TorchvisionLoader
-from util.pretrained import prepare_run
-from util.rundir import prepare_output_dir
+from util.pretrained import setup_eval_run
 from util import distributed as dist
-from util.runtime import resolve_device, speed_options
+from util.runtime import speed_options
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -36,18 +35,11 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 @cli
 def main(argv=None) -> None:
     cfg = parse_config(FinetuneConfig, "finetune", argv)
-    device = dist.init_distributed(resolve_device(cfg.device))
-    torch.manual_seed(cfg.seed)  # model initialisation
-    start, own = prepare_run(cfg, "finetune")
-    cfg.resolve(world_size=dist.world())
-    prepare_output_dir(cfg, write=dist.is_main())
+    device, start, own = setup_eval_run(cfg, "finetune")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
 
-    train_x, train_y, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
-    test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)
-    if len(train_x) < cfg.batch_size:
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(train_x)} images)")
+    train_x, train_y, test_x, test_y, num_classes = load_splits(cfg)
     mean, std = dataset_stats(cfg.dataset)
     img_size, in_chans = train_x.shape[1], train_x.shape[3]
 

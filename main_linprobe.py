@@ -13,14 +13,13 @@ from torchvision import transforms
 import models_vit
 from engine_finetune import fit
 from util.config import LinprobeConfig, parse_config, save_yaml
-from util.datasets import dataset_stats, eval_transform, load_dataset
-from util.errors import UserError, cli
+from util.datasets import dataset_stats, eval_transform, load_splits
+from util.errors import cli
 from util.knn import extract_features, knn_accuracy
 from util.loader import EvalLoader, TensorLoader, build_train_loader
-from util.pretrained import prepare_run
-from util.rundir import prepare_output_dir
+from util.pretrained import setup_eval_run
 from util import distributed as dist
-from util.runtime import resolve_device, speed_options
+from util.runtime import speed_options
 
 
 def build_optimizer(head: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -41,16 +40,9 @@ def train_transform(img_size: int, mean, std):
 @cli
 def main(argv=None) -> None:
     cfg = parse_config(LinprobeConfig, "linprobe", argv)
-    device = dist.init_distributed(resolve_device(cfg.device))
-    torch.manual_seed(cfg.seed)  # model initialisation
-    start, own = prepare_run(cfg, "linprobe")
-    cfg.resolve(world_size=dist.world())
-    prepare_output_dir(cfg, write=dist.is_main())
+    device, start, own = setup_eval_run(cfg, "linprobe")
 
-    train_x, train_y, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
-    test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)
-    if len(train_x) < cfg.batch_size:
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(train_x)} images)")
+    train_x, train_y, test_x, test_y, num_classes = load_splits(cfg)
     mean, std = dataset_stats(cfg.dataset)
     img_size, in_chans = train_x.shape[1], train_x.shape[3]
 

@@ -4,7 +4,7 @@ The pretraining encoder (`models_mae.MAEEncoder`) uses timm's attribute names, s
 state_dict loads here directly: only the decoder and the MAE's heads are dropped.
 """
 from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.nn as nn

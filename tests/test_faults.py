@@ -1,5 +1,4 @@
 """Runs survive signals, kills during saves, NaNs and bad input without losing finished epochs."""
-import json
 import os
 import signal
 

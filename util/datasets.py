@@ -129,6 +129,17 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True
     return images, labels, 10
 
 
+def load_splits(cfg):
+    """Train and test sets of cfg.dataset: (train_x, train_y, test_x, test_y, num_classes)."""
+    from util.distributed import world
+    train_x, train_y, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
+    test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)
+    if len(train_x) < cfg.batch_size * world():
+        raise UserError(f"batch_size {cfg.batch_size} x {world()} ranks is larger than the dataset "
+                        f"({len(train_x)} images)")
+    return train_x, train_y, test_x, test_y, num_classes
+
+
 def dataset_stats(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Per-channel mean and std used for normalisation."""
     return (FASHION_MEAN, FASHION_STD) if name == "fashion_mnist" else (CIFAR10_MEAN, CIFAR10_STD)

@@ -60,6 +60,26 @@ def run_name(start: Start, cfg, kind: str) -> str:
     return f"{kind}_{name}" + ("_target" if cfg.checkpoint_key == "target" else "")
 
 
+def setup_eval_run(cfg, kind: str):
+    """Everything fine-tuning and probing do before touching data: device (and torchrun),
+    seeding, where to start, the resolved config and a checked output directory.
+
+    Returns (device, start, own_ckpt).
+    """
+    import torch
+
+    from util import distributed as dist
+    from util.rundir import prepare_output_dir
+    from util.runtime import resolve_device
+
+    device = dist.init_distributed(resolve_device(cfg.device))
+    torch.manual_seed(cfg.seed)  # model initialisation, identical on every rank
+    start, own = prepare_run(cfg, kind)
+    cfg.resolve(world_size=dist.world())
+    prepare_output_dir(cfg, write=dist.is_main())
+    return device, start, own
+
+
 def prepare_run(cfg, kind: str):
     """Resolve start, output directory, own checkpoint (auto-resume) and model name, in place.
 
