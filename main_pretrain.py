@@ -19,7 +19,7 @@ from models_mae import create_model
 from target_encoder import build_target
 from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from util.config import PretrainConfig, parse_config, save_yaml
-from util.datasets import dataset_stats, load_dataset, pretrain_transform
+from util.datasets import dataset_stats, load_dataset, load_train, pretrain_transform
 from util.errors import UserError, cli
 from util.knn import extract_features, knn_accuracy
 from util.loader import EvalLoader, build_train_loader
@@ -43,7 +43,7 @@ def knn_monitor(model, cfg, device, mean, std, num_classes: int) -> float:
     from models_vit import pool_tokens
     encode = lambda x: pool_tokens(model.encoder.forward_features(x), cfg.knn_pool)  # noqa: E731
     model.eval()
-    sets = [load_dataset(cfg.dataset, cfg.data_path, train=t)[:2] for t in (True, False)]
+    sets = [load_train(cfg)[:2], load_dataset(cfg.dataset, cfg.data_path, train=False)[:2]]
     (tr_f, tr_y), (te_f, te_y) = [extract_features(encode, EvalLoader(x, y, cfg.batch_size, device, mean, std))
                                   for x, y in sets]
     return knn_accuracy(tr_f, tr_y, te_f, te_y, num_classes, cfg.knn_k, cfg.knn_t)
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     cfg.resolve(world_size=dist.world())
     prepare_output_dir(cfg, write=dist.is_main())
 
-    images, labels, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
+    images, labels, num_classes = load_train(cfg)
     if len(images) < cfg.batch_size * dist.world():
         raise UserError(f"batch_size {cfg.batch_size} x {dist.world()} ranks is larger than the dataset "
                         f"({len(images)} images)")

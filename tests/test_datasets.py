@@ -44,3 +44,10 @@ def test_fashion_mnist_pretrain_and_probe(tmp_path, loader):
                                           tmp_path / "pre" / "checkpoint-last.pth"))
     with open(tmp_path / "lp" / "results.json") as f:
         assert json.load(f)["last_acc1"] >= 0
+
+
+def test_train_subset_limits_the_training_set(cifar_root, tmp_path):
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--train_subset", "64", "--epochs", "1",
+                                          "--warmup_epochs", "0"))
+    with open(tmp_path / "log.txt") as f:
+        assert json.loads(f.readline())["step"] == 64 // 32

@@ -38,6 +38,7 @@ class RunConfig:
     dataset: str = opt("cifar10", "dataset name", DATASETS)
     data_path: str = opt("./data", "dataset root (CIFAR-10: the folder holding cifar-10-batches-py; "
                                    "Fashion-MNIST: the folder holding the idx files)")
+    train_subset: int = opt(0, "use only the first N training images (0: all), for quick studies")
     data_loader: str = opt("in_memory", "in_memory: uint8 set on the device, batched crop/flip; "
                                         "torchvision: per-image PIL transforms in workers", DATA_LOADERS)
     num_workers: int = opt(4, "DataLoader worker processes (torchvision pipeline)")
@@ -72,6 +73,7 @@ class RunConfig:
             (0 <= self.warmup_epochs <= self.epochs,
              f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.train_subset >= 0, f"train_subset must be >= 0, got {self.train_subset}"),
             (self.save_freq >= 1, f"save_freq must be >= 1, got {self.save_freq}"),
             (self.print_freq >= 1, f"print_freq must be >= 1, got {self.print_freq}"),
             (_valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),

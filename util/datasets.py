@@ -129,10 +129,18 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True
     return images, labels, 10
 
 
+def load_train(cfg) -> Tuple[np.ndarray, np.ndarray, int]:
+    """The training set, cut to its first cfg.train_subset images when that is set."""
+    images, labels, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
+    if cfg.train_subset:
+        images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
+    return images, labels, num_classes
+
+
 def load_splits(cfg):
     """Train and test sets of cfg.dataset: (train_x, train_y, test_x, test_y, num_classes)."""
     from util.distributed import world
-    train_x, train_y, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
+    train_x, train_y, num_classes = load_train(cfg)
     test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)
     if len(train_x) < cfg.batch_size * world():
         raise UserError(f"batch_size {cfg.batch_size} x {world()} ranks is larger than the dataset "
