@@ -10,30 +10,44 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 from tqdm import tqdm
 
-from util.checkpoint import rng_state, save_checkpoint
+from util.checkpoint import rng_state, save_checkpoint, set_rng_state
 from util.logger import RunLogger
 from util.lr_sched import adjust_learning_rate
 from util import distributed as dist
 from util.runtime import autocast, seed_epoch
+from util.signals import StopRequest, should_stop
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimizer, epoch: int, cfg,
                     step: int, mixup_fn: Optional[Callable] = None,
-                    logger: Optional[RunLogger] = None) -> Dict[str, float]:
+                    logger: Optional[RunLogger] = None, skip: int = 0, stop=None,
+                    resume_rng: Optional[dict] = None) -> Dict[str, float]:
     """One epoch of supervised training.
 
     Args:
         loader: yields (inputs on device, labels (N,) int64); `set_epoch` already called.
         mixup_fn: timm Mixup, turns labels into soft targets (N, num_classes).
+        skip, stop, resume_rng: as in engine_pretrain.train_one_epoch.
+    Returns:
+        mean train loss over the steps run, last lr, `steps` run, `epoch_step` reached,
+        `bad_step` (first non-finite step of the epoch or -1), seconds, images/s.
     """
     model.train()
     n_steps = len(loader)
-    loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    lr = 0.0
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    lr, done = 0.0, skip
     t0 = time.time()
     bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=None, file=sys.stderr)
     for i, (x, y) in enumerate(bar):
+        if i < skip:
+            if i == skip - 1 and resume_rng is not None:
+                # Restore where the first run stood after step skip-1, before batch `skip` is
+                # drawn (with num_workers=0 its augmentation uses this RNG).
+                set_rng_state(resume_rng)
+            continue
         lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
@@ -45,14 +59,21 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
         loss_sum += loss.detach()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), i, bad_step)
+        done = i + 1
+        if should_stop(stop, i + 1, cfg.print_freq, device):
+            break
         if (i + 1) % cfg.print_freq == 0:
             loss_now = loss.item()  # host sync, once every print_freq steps
+            if bad_step.item() >= 0:
+                break
             bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}")
             if logger is not None:
-                logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i + 1)
-    seconds = time.time() - t0
-    return {"train_loss": dist.mean_across_ranks(loss_sum / max(n_steps, 1)).item(), "lr": lr, "steps": n_steps,
-            "seconds": seconds, "images_per_s": n_steps * cfg.batch_size / max(seconds, 1e-9)}
+                logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i - skip + 1)
+    seconds, ran = time.time() - t0, done - skip
+    return {"train_loss": dist.mean_across_ranks(loss_sum / max(ran, 1)).item(), "lr": lr, "steps": ran,
+            "epoch_step": done, "bad_step": int(bad_step.item()), "seconds": seconds,
+            "images_per_s": ran * cfg.batch_size * dist.world() / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
@@ -84,31 +105,53 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
     """
     save_module = save_module or model
     extra = extra or {}
-    start_epoch, step, best, last = 0, 0, 0.0, {}
+    start_epoch, step, best, last, epoch_step, resumed_rng = 0, 0, 0.0, {}, 0, None
     if own_ckpt is not None:
         save_module.load_state_dict(own_ckpt["model"])
         optimizer.load_state_dict(own_ckpt["optimizer"])
         start_epoch, step = own_ckpt["epoch"], own_ckpt["step"]
         best, last = own_ckpt["best_acc1"], own_ckpt["last"]
+        epoch_step = own_ckpt.get("epoch_step", 0)  # > 0: stopped inside epoch `start_epoch`
+        resumed_rng = own_ckpt["rng"] if epoch_step else None
         print(f"resumed {kind} at epoch {start_epoch} (best acc@1 so far {best:.2f})")
     logger = RunLogger(cfg.output_dir, enabled=dist.is_main())
+    last_path = os.path.join(cfg.output_dir, "checkpoint-last.pth")
+    stop = StopRequest()
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)
         train_loader.set_epoch(epoch)
-        stats = train_one_epoch(model, criterion, train_loader, optimizer, epoch, cfg, step, mixup_fn, logger)
+        stats = train_one_epoch(model, criterion, train_loader, optimizer, epoch, cfg, step, mixup_fn, logger,
+                                skip=epoch_step, stop=stop, resume_rng=resumed_rng)
+        resumed_rng = None
+        if stats.pop("bad_step") >= 0:  # nothing is saved: the last good checkpoint stays
+            sys.exit(f"error: non-finite loss at epoch {epoch}; stopped without saving; last good "
+                     f"checkpoint: {last_path if os.path.isfile(last_path) else 'none'}")
         step += stats.pop("steps")
-        last = evaluate(model, test_loader, cfg.precision)
-        best = max(best, last["test_acc1"])
+        epoch_step = stats.pop("epoch_step")
+        finished = epoch_step == len(train_loader)
+        if finished:
+            last = evaluate(model, test_loader, cfg.precision)
+            best = max(best, last["test_acc1"])
         state = {"kind": kind, "model": save_module.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch + 1, "step": step, "config": cfg.to_dict(), "best_acc1": best,
-                 "last": last, "rng": rng_state(), **extra}
+                 "epoch": epoch + 1 if finished else epoch, "epoch_step": 0 if finished else epoch_step,
+                 "step": step, "config": cfg.to_dict(), "best_acc1": best, "last": last,
+                 "rng": rng_state(), **extra}
         if dist.is_main():
-            save_checkpoint(state, os.path.join(cfg.output_dir, "checkpoint-last.pth"))
-        if dist.is_main() and ((epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs):
-            save_checkpoint(state, os.path.join(cfg.output_dir, f"checkpoint-{epoch + 1}.pth"))
-        logger.epoch({"epoch": epoch, **stats, **last, "best_acc1": best, "step": step})
-        print(f"epoch {epoch}: train loss {stats['train_loss']:.4f}, test acc@1 {last['test_acc1']:.2f} "
-              f"(best {best:.2f}), {stats['seconds']:.1f}s")
+            save_checkpoint(state, last_path)
+        if finished:
+            epoch_step = 0
+            if dist.is_main() and ((epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs):
+                save_checkpoint(state, os.path.join(cfg.output_dir, f"checkpoint-{epoch + 1}.pth"))
+            logger.epoch({"epoch": epoch, **stats, **last, "best_acc1": best, "step": step})
+            print(f"epoch {epoch}: train loss {stats['train_loss']:.4f}, test acc@1 {last['test_acc1']:.2f} "
+                  f"(best {best:.2f}), {stats['seconds']:.1f}s")
+        if not finished or (stop.requested and epoch + 1 < cfg.epochs):
+            print(f"{stop.signal_name}: stopped in epoch {epoch}; saved {last_path}. "
+                  f"Rerun the same command to continue.")
+            stop.restore()
+            logger.close()
+            return {}
+    stop.restore()
     logger.close()
     results = {"kind": kind, "best_acc1": best, "last_acc1": last.get("test_acc1"),
                "last_acc5": last.get("test_acc5"), "epochs": cfg.epochs, **extra}

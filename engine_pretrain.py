@@ -1,20 +1,22 @@
 """One pretraining epoch: mask, encode, decode, regress this epoch's target, step, update target."""
 import sys
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from tqdm import tqdm
 
 from target_encoder import TargetEncoder
 from util import distributed as dist
+from util.checkpoint import set_rng_state
 from util.lr_sched import adjust_learning_rate
 from util.runtime import autocast
+from util.signals import should_stop
 
 
 def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optimizer,
                     epoch: int, cfg, step: int, logger=None, forward=None, skip: int = 0,
-                    stop=None) -> Dict[str, float]:
+                    stop=None, resume_rng: Optional[dict] = None) -> Dict[str, float]:
     """Train `model` (the unwrapped MaskedAutoencoderViT) for one epoch.
 
     Args:
@@ -23,6 +25,7 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
         forward: what runs the forward pass (`model` or its torch.compile'd twin).
         skip: batches of this epoch already trained before an interruption: drawn, not trained.
         stop: a util.signals.StopRequest; when set, return after the current step.
+        resume_rng: RNG states saved with a mid-epoch checkpoint, restored after the skip.
     Returns:
         averages over the steps run (loss, target/prediction spread), last lr, images/s,
         seconds, `steps` run, `epoch_step` reached (== len(loader) unless stopped), and
@@ -42,7 +45,11 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
     bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=None, file=sys.stderr)
     for i, (imgs, _) in enumerate(bar):
-        if i < skip:  # the loader's own generator advances exactly as in the first run
+        if i < skip:
+            if i == skip - 1 and resume_rng is not None:
+                # Restore where the first run stood after step skip-1, before batch `skip` is
+                # drawn (with num_workers=0 its augmentation uses this RNG).
+                set_rng_state(resume_rng)  # the loader's own generator advances exactly as in the first run
             continue
         lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
         # One global draw of mask noise, each rank keeping its rows (interleaved like the data
@@ -60,9 +67,7 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
             sums[key] = sums[key] + value if key in sums else value.clone()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), i, bad_step)
         done = i + 1
-        # Under DDP every rank must stop at the same step: agree at the print_freq sync points.
-        if stop is not None and (stop.requested if world == 1 else (i + 1) % cfg.print_freq == 0
-                                 and dist.any_rank(stop.requested, imgs.device)):
+        if should_stop(stop, i + 1, cfg.print_freq, imgs.device):
             break
         if (i + 1) % cfg.print_freq == 0:
             loss_now = loss.item()  # host sync, once every print_freq steps

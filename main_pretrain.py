@@ -17,7 +17,7 @@ from timm.optim import param_groups_weight_decay
 import engine_pretrain
 from models_mae import create_model
 from target_encoder import build_target
-from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from util.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from util.config import PretrainConfig, parse_config, save_yaml
 from util.datasets import dataset_stats, load_dataset, load_train, pretrain_transform
 from util.errors import UserError, cli
@@ -110,13 +110,11 @@ def main(argv=None) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)
         loader.set_epoch(epoch)
-        if resumed_rng is not None:  # mid-epoch resume: the target was restored, masks continue
-            set_rng_state(resumed_rng)
-            refreshed, resumed_rng = False, None
-        else:
-            refreshed = target.on_epoch_start(epoch, model.encoder)
+        # Mid-epoch resume: the epoch-start refresh already happened in the first run.
+        refreshed = False if resumed_rng is not None else target.on_epoch_start(epoch, model.encoder)
         stats = engine_pretrain.train_one_epoch(model, target, loader, optimizer, epoch, cfg, step, logger,
-                                                forward, skip=epoch_step, stop=stop)
+                                                forward, skip=epoch_step, stop=stop, resume_rng=resumed_rng)
+        resumed_rng = None
         if stats["bad_step"] >= 0:  # nothing is saved: the last good checkpoint stays as it is
             sys.exit(f"error: non-finite loss at epoch {epoch}, step {stats['bad_step']} of the epoch; "
                      f"stopped without saving; last good checkpoint: "

@@ -135,3 +135,51 @@ def test_checkpoint_of_another_script_is_refused(cifar_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main("main_linprobe", *smoke_args(cifar_root, tmp_path / "o2", "--resume", tmp_path / "ft" / "checkpoint-last.pth"))
     assert e.value.code == 2 and "cannot resume linprobe" in capsys.readouterr().err
+
+
+def test_finetune_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch, capsys):
+    import engine_finetune
+    args = ("--from_scratch", "--epochs", "2", "--warmup_epochs", "1", "--aa", "", "--reprob", "0")
+    run_main("main_finetune", *smoke_args(cifar_root, tmp_path / "straight", *args))
+
+    class StopAfter(StopRequest):  # a signal during step 2 of epoch 1 (5 steps per epoch)
+        calls = 0
+
+        @property
+        def requested(self):
+            StopAfter.calls += 1
+            return StopAfter.calls == 5 + 1 + 2  # 5 steps + the end-of-epoch check, then 2 steps
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(engine_finetune, "StopRequest", StopAfter)
+    out = tmp_path / "stopped"
+    run_main("main_finetune", *smoke_args(cifar_root, out, *args))
+    assert "stopped in epoch 1" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch_step"] == 2
+    monkeypatch.setattr(engine_finetune, "StopRequest", StopRequest)
+    run_main("main_finetune", *smoke_args(cifar_root, out, *args))
+    a = torch.load(tmp_path / "straight" / "checkpoint-last.pth", weights_only=True)["model"]
+    b = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_finetune_nan_stops_without_saving(cifar_root, tmp_path, monkeypatch):
+    import engine_finetune
+    real = engine_finetune.evaluate
+    calls = {"n": 0}
+
+    def poison_after_first_epoch(model, loader, precision="fp32"):
+        calls["n"] += 1
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))  # the next epoch's loss is NaN
+        return real(model, loader, precision)
+
+    monkeypatch.setattr(engine_finetune, "evaluate", poison_after_first_epoch)
+    with pytest.raises(SystemExit) as e:
+        run_main("main_finetune", *smoke_args(cifar_root, tmp_path, "--from_scratch", "--epochs", "2"))
+    assert "non-finite loss at epoch 1" in str(e.value.code)
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 1

@@ -4,8 +4,10 @@ Writes are atomic (temp file, fsync, rename), so a kill at any moment leaves eit
 previous checkpoint or the new one, never a torn file.
 """
 import os
+import random
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 
 from util.errors import UserError
@@ -42,7 +44,10 @@ def load_checkpoint(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    """torch, CUDA, Python and NumPy RNG states, as tensors and plain tuples (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -50,5 +55,8 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

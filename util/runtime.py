@@ -1,5 +1,8 @@
 """Device selection and seeding."""
 import contextlib
+import random
+
+import numpy as np
 
 import torch
 
@@ -38,5 +41,12 @@ def speed_options(model: torch.nn.Module, cfg, device: torch.device):
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
-    """Seed the global RNG (masking noise) from (seed, epoch, rank): epochs are reproducible alone."""
-    torch.manual_seed((seed * 1_000_003 + epoch) * 997 + rank)
+    """Seed the global RNGs from (seed, epoch, rank): epochs are reproducible alone.
+
+    torch drives masks and drop path; Python's and NumPy's RNGs drive timm's and torchvision's
+    per-image augmentations when they run in the main process (num_workers=0).
+    """
+    s = (seed * 1_000_003 + epoch) * 997 + rank
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)

@@ -28,3 +28,14 @@ class StopRequest:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def should_stop(stop, steps_done: int, print_freq: int, device) -> bool:
+    """Checked after every step. Under DDP all ranks must stop at the same step, so they
+    vote (one collective) at the print_freq sync points; a single process reads the flag."""
+    from util import distributed as dist
+    if stop is None:
+        return False
+    if dist.world() == 1:
+        return stop.requested
+    return steps_done % print_freq == 0 and dist.any_rank(stop.requested, device)
