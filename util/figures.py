@@ -64,7 +64,7 @@ FIGURES = ("finetune_curves.png", "linprobe_curves.png", "sweep_k.png", "sweep_w
 
 # ---- reading run directories ----------------------------------------------------------------
 
-def _read_log(path: str) -> List[dict]:
+def read_log(path: str) -> List[dict]:
     out = []
     if os.path.isfile(path):
         with open(path) as f:
@@ -78,7 +78,7 @@ def _read_log(path: str) -> List[dict]:
     return out
 
 
-def _read_json(path: str) -> Optional[dict]:
+def read_json(path: str) -> Optional[dict]:
     try:
         with open(path) as f:
             return json.load(f)
@@ -113,13 +113,13 @@ def collect(runs_root: str) -> Dict[str, dict]:
             for st in STAGES:
                 d = os.path.join(sd, st)
                 if os.path.isdir(d):
-                    stages[st] = {"dir": d, "log": _read_log(os.path.join(d, "log.txt")),
-                                  "results": _read_json(os.path.join(d, "results.json")),
+                    stages[st] = {"dir": d, "log": read_log(os.path.join(d, "log.txt")),
+                                  "results": read_json(os.path.join(d, "results.json")),
                                   "config": _read_yaml(os.path.join(d, "config.yaml")) or {}}
             if stages:
                 row["seeds"][_seed_of(sd)] = stages
             if row["commands"] is None:
-                row["commands"] = _read_json(os.path.join(sd, "commands.json"))
+                row["commands"] = read_json(os.path.join(sd, "commands.json"))
         if not row["seeds"]:
             continue
         first = row["seeds"][min(row["seeds"])]
@@ -133,7 +133,8 @@ def collect(runs_root: str) -> Dict[str, dict]:
                                                      kv[0])))
 
 
-def _stat(values: List[float]) -> Optional[tuple]:
+def mean_std(values: List[Optional[float]]) -> Optional[tuple]:
+    """(mean, sample std, n) of the values that are not None; None when there are none."""
     values = [v for v in values if v is not None]
     if not values:
         return None
@@ -155,7 +156,7 @@ def summarize(row: dict, stage: str) -> Dict[str, Optional[tuple]]:
         elif st["log"]:
             best.append(st["log"][-1].get("best_acc1"))
             last.append(st["log"][-1].get("test_acc1"))
-    return {"best": _stat(best), "last": _stat(last)}
+    return {"best": mean_std(best), "last": mean_std(last)}
 
 
 def _fmt(s: Optional[tuple]) -> str:
@@ -167,7 +168,7 @@ def _fmt(s: Optional[tuple]) -> str:
 
 # ---- plots ---------------------------------------------------------------------------------
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -188,7 +189,7 @@ def _curves(row: dict, stage: str, key: str = "test_acc1"):
     mean, std = [], []
     for e in range(n):
         vals = [c[e] for c in per_seed if e < len(c) and c[e] is not None]
-        s = _stat(vals)
+        s = mean_std(vals)
         mean.append(s[0] if s else float("nan"))
         std.append(s[1] if s else 0.0)
     return list(range(n)), mean, std
@@ -205,7 +206,7 @@ def _best_of_family(rows: Dict[str, dict], stage: str) -> Dict[str, str]:
 
 
 def plot_curves(rows: Dict[str, dict], stage: str, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     best = _best_of_family(rows, stage)
     for fam, name in best.items():
@@ -233,7 +234,7 @@ def plot_curves(rows: Dict[str, dict], stage: str, path: str) -> None:
 
 def plot_sweep(rows: Dict[str, dict], param: str, select, path: str, title: str, log_x: bool = False) -> None:
     """best acc@1 vs a row parameter, fine-tune and probe side by side; pixel MAE as a dashed line."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     chosen = sorted(((r["nominal"][param], name) for name, r in rows.items()
                      if param in r["nominal"] and select(r["nominal"])))
@@ -270,7 +271,7 @@ def plot_sweep(rows: Dict[str, dict], param: str, select, path: str, title: str,
 
 def plot_pretrain_loss(rows: Dict[str, dict], path: str) -> None:
     """Seed-0 pretraining loss per epoch, one line per row, target refreshes marked."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     any_line, refresh_label = False, True
     for name, row in rows.items():
@@ -392,7 +393,7 @@ def _test_images(cfg: dict, n: int):
 def reconstruction_figure(ckpt_path: str, out_path: str, n: int = 8, seed: int = 0) -> None:
     """Original / masked / reconstruction / reconstruction with visible patches, n test images."""
     import torch
-    plt = _plt()
+    plt = pyplot()
     model, _, cfg = _load_pretrain(ckpt_path)
     imgs, m, s = _test_images(cfg, n)
     torch.manual_seed(seed)
@@ -432,7 +433,7 @@ def feature_similarity_figure(ckpt_path: str, out_path: str, n: int = 8, seed: i
     import numpy as np
     import torch
     import torch.nn.functional as F
-    plt = _plt()
+    plt = pyplot()
     model, target, cfg = _load_pretrain(ckpt_path)
     if target is None:
         return None

@@ -1,0 +1,106 @@
+"""Table and figure of the improvement study (reproduce.py --plan study), from run directories.
+
+Reads RUNS/NAME/seedS/{pretrain,linprobe}/ as written by reproduce.py and writes into OUT:
+    study_results.md    per row: probe best / last acc@1 and kNN acc (mean +- std over seeds),
+                        the paired difference to pixel MAE (same seeds), the final target / prediction
+                        spread (a collapsing target shows as a std near 0)
+    study_results.json  the same numbers, machine-readable
+    study.png           probe and kNN accuracy per row, error bars = std over seeds
+"""
+import json
+import os
+from typing import Dict, List, Optional
+
+from util.figures import mean_std, pyplot, read_json, read_log
+
+METRICS = ("best_acc1", "last_acc1", "knn_acc")
+BASELINE = "pixel"  # REFERENCE.md section 4: judge every variant against pixel MAE
+
+
+def collect_study(runs_root: str, names: List[str]) -> Dict[str, dict]:
+    """{row: {"seeds": {seed: {metric: value}}, metric: (mean, std, n) | None, ...}} for finished probes."""
+    out: Dict[str, dict] = {}
+    for name in names:
+        d = os.path.join(runs_root, name)
+        per_seed: Dict[int, dict] = {}
+        for sd in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if not (sd.startswith("seed") and sd[4:].isdigit()):
+                continue
+            res = read_json(os.path.join(d, sd, "linprobe", "results.json"))
+            if res is None:
+                continue
+            vals = {k: float(res[k]) for k in METRICS if res.get(k) is not None}
+            log = read_log(os.path.join(d, sd, "pretrain", "log.txt"))
+            if log:  # last pretraining epoch: how spread out targets and predictions still are
+                vals.update({k: float(log[-1][k]) for k in ("target_std", "pred_std") if k in log[-1]})
+            per_seed[int(sd[4:])] = vals
+        row: Dict[str, object] = {"seeds": per_seed}
+        for k in METRICS + ("target_std", "pred_std"):
+            row[k] = mean_std([v.get(k) for v in per_seed.values()])
+        out[name] = row
+    for name, row in out.items():  # paired over seeds: the seed fixes init, data order and masks
+        base = out.get(BASELINE)
+        for k in ("best_acc1", "knn_acc"):
+            diffs = [] if base is None or name == BASELINE else [
+                v[k] - base["seeds"][s][k] for s, v in row["seeds"].items()
+                if k in v and s in base["seeds"] and k in base["seeds"][s]]
+            row[f"d_{k}"] = mean_std(diffs)
+    return out
+
+
+def _cell(st: Optional[tuple], signed: bool = False) -> str:
+    if st is None:
+        return "-"
+    m, sd, n = st
+    txt = f"{m:+.2f}" if signed else f"{m:.2f}"
+    return f"{txt} ± {sd:.2f}" if n > 1 else txt
+
+
+def study_table(stats: Dict[str, dict]) -> str:
+    """Markdown table of collect_study's result, one line per row in its order."""
+    lines = ["| row | seeds | probe best acc@1 | probe last acc@1 | kNN acc | "
+             f"Δ probe vs {BASELINE} | Δ kNN vs {BASELINE} | target std | pred std |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, st in stats.items():
+        lines.append(f"| {name} | {len(st['seeds'])} | {_cell(st['best_acc1'])} | {_cell(st['last_acc1'])} | "
+                     f"{_cell(st['knn_acc'])} | {_cell(st['d_best_acc1'], True)} | "
+                     f"{_cell(st['d_knn_acc'], True)} | {_cell(st['target_std'])} | {_cell(st['pred_std'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(stats: Dict[str, dict], path: str) -> None:
+    """Two panels (probe best acc@1, kNN acc): a bar per row, std over seeds, pixel MAE dashed."""
+    plt = pyplot()
+    names = list(stats)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
+    for ax, key, title in zip(axes, ("best_acc1", "knn_acc"), ("linear probe acc@1 (%)", "kNN acc (%)")):
+        vals = [stats[n][key] for n in names]
+        means = [v[0] if v else 0.0 for v in vals]
+        errs = [v[1] if v else 0.0 for v in vals]
+        colors = ["grey" if n == "scratch" else "tab:blue" if n == BASELINE else "tab:orange" for n in names]
+        ax.barh(range(len(names)), means, xerr=errs, color=colors, capsize=3)
+        if stats.get(BASELINE, {}).get(key):
+            ax.axvline(stats[BASELINE][key][0], color="tab:blue", ls="--", lw=1)
+        finite = [m for m, v in zip(means, vals) if v]
+        if finite:
+            ax.set_xlim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_study(runs_root: str, names: List[str], out_dir: str) -> List[str]:
+    """Write study_results.md/.json and study.png into OUT_DIR; returns their paths."""
+    stats = collect_study(runs_root, names)
+    os.makedirs(out_dir, exist_ok=True)
+    md, js, png = (os.path.join(out_dir, f) for f in ("study_results.md", "study_results.json", "study.png"))
+    with open(md, "w") as f:
+        f.write(f"# Study results ({os.path.basename(os.path.normpath(runs_root))})\n\n" + study_table(stats))
+    with open(js, "w") as f:
+        json.dump(stats, f, indent=2)
+    plot_study(stats, png)
+    return [md, js, png]
