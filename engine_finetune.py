@@ -8,13 +8,12 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 from timm.utils import accuracy
-from tqdm import tqdm
 
-from util.checkpoint import rng_state, save_checkpoint, set_rng_state
+from util.checkpoint import rng_state, save_checkpoint
 from util.logger import RunLogger
 from util.lr_sched import adjust_learning_rate
 from util import distributed as dist
-from util.runtime import autocast, seed_epoch
+from util.runtime import autocast, epoch_batches, seed_epoch
 from util.signals import StopRequest, should_stop
 
 
@@ -39,15 +38,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     lr, done = 0.0, skip
     t0 = time.time()
-    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-               disable=None, file=sys.stderr)
-    for i, (x, y) in enumerate(bar):
-        if i < skip:
-            if i == skip - 1 and resume_rng is not None:
-                # Restore where the first run stood after step skip-1, before batch `skip` is
-                # drawn (with num_workers=0 its augmentation uses this RNG).
-                set_rng_state(resume_rng)
-            continue
+    bar, batches = epoch_batches(loader, epoch, skip, resume_rng)
+    for i, (x, y) in batches:
         lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)

@@ -1,16 +1,13 @@
 """One pretraining epoch: mask, encode, decode, regress this epoch's target, step, update target."""
-import sys
 import time
 from typing import Dict, Optional
 
 import torch
-from tqdm import tqdm
 
 from target_encoder import TargetEncoder
 from util import distributed as dist
-from util.checkpoint import set_rng_state
 from util.lr_sched import adjust_learning_rate
-from util.runtime import autocast
+from util.runtime import autocast, epoch_batches
 from util.signals import should_stop
 
 
@@ -42,15 +39,8 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
     lr, done = 0.0, skip
     world, rank = dist.world(), dist.rank()
     t0 = time.time()
-    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-               disable=None, file=sys.stderr)
-    for i, (imgs, _) in enumerate(bar):
-        if i < skip:
-            if i == skip - 1 and resume_rng is not None:
-                # Restore where the first run stood after step skip-1, before batch `skip` is
-                # drawn (with num_workers=0 its augmentation uses this RNG).
-                set_rng_state(resume_rng)  # the loader's own generator advances exactly as in the first run
-            continue
+    bar, batches = epoch_batches(loader, epoch, skip, resume_rng)
+    for i, (imgs, _) in batches:
         lr = adjust_learning_rate(optimizer, epoch + i / n_steps, cfg)
         # One global draw of mask noise, each rank keeping its rows (interleaved like the data
         # shards): N ranks x batch B mask exactly as one process with batch N*B would.

@@ -31,3 +31,17 @@ def run_main(module, *args):
 
 def smoke_args(cifar_root, out, *extra):
     return ["--config", SMOKE, "--data_path", cifar_root, "--output_dir", str(out), *extra]
+
+
+def run_stage_in_process(cmd, log_file, quiet):
+    """Stand-in for reproduce.run_stage: the script's main() in this process, cwd = repo root."""
+    import importlib
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        importlib.import_module(cmd[0][:-3]).main(cmd[1:])
+        return 0
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        os.chdir(cwd)

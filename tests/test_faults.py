@@ -16,6 +16,23 @@ def weights(path):
     return ckpt, {**ckpt["model"], **{"target." + k: v for k, v in (ckpt["target"] or {}).items()}}
 
 
+def stop_during_step(n: int):
+    """A StopRequest whose n-th poll says "stop": a signal arriving at a chosen step. With 5 steps
+    an epoch, 5 + 1 + 2 = the 5 steps of epoch 0, its end-of-epoch check, then step 2 of epoch 1."""
+    class StopAt(StopRequest):
+        calls = 0
+
+        @property
+        def requested(self):
+            StopAt.calls += 1
+            return StopAt.calls == n
+
+        @requested.setter
+        def requested(self, value):
+            pass
+    return StopAt
+
+
 def test_signal_sets_stop_request():
     stop = StopRequest()
     try:
@@ -29,19 +46,7 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tmp_path, m
     args = ("--target", "ema", "--wse", "1", "--ema_every", "step", "--tau", "0.8", "--epochs", "3")
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path / "straight", *args))
 
-    class StopAfter(StopRequest):  # a SIGTERM arriving during step 2 of epoch 1
-        calls = 0
-
-        @property
-        def requested(self):
-            StopAfter.calls += 1
-            return StopAfter.calls == 5 + 1 + 2  # 5 steps + 1 end-of-epoch check, then 2 steps
-
-        @requested.setter
-        def requested(self, value):
-            pass
-
-    monkeypatch.setattr(main_pretrain, "StopRequest", StopAfter)
+    monkeypatch.setattr(main_pretrain, "StopRequest", stop_during_step(5 + 1 + 2))
     out = tmp_path / "stopped"
     run_main("main_pretrain", *smoke_args(cifar_root, out, *args))
     assert "stopped at epoch 1, step 2" in capsys.readouterr().out
@@ -142,19 +147,7 @@ def test_finetune_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tm
     args = ("--from_scratch", "--epochs", "2", "--warmup_epochs", "1", "--aa", "", "--reprob", "0")
     run_main("main_finetune", *smoke_args(cifar_root, tmp_path / "straight", *args))
 
-    class StopAfter(StopRequest):  # a signal during step 2 of epoch 1 (5 steps per epoch)
-        calls = 0
-
-        @property
-        def requested(self):
-            StopAfter.calls += 1
-            return StopAfter.calls == 5 + 1 + 2  # 5 steps + the end-of-epoch check, then 2 steps
-
-        @requested.setter
-        def requested(self, value):
-            pass
-
-    monkeypatch.setattr(engine_finetune, "StopRequest", StopAfter)
+    monkeypatch.setattr(engine_finetune, "StopRequest", stop_during_step(5 + 1 + 2))
     out = tmp_path / "stopped"
     run_main("main_finetune", *smoke_args(cifar_root, out, *args))
     assert "stopped in epoch 1" in capsys.readouterr().out

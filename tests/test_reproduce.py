@@ -5,7 +5,6 @@ To stay fast on a CPU, most stages run in-process (reproduce.run_stage patched t
 script's main()); one test runs a real subprocess.
 """
 import contextlib
-import importlib
 import io
 import json
 import os
@@ -14,25 +13,12 @@ import shlex
 import pytest
 
 import reproduce
-from conftest import ROOT, run_main
+from conftest import ROOT, run_main, run_stage_in_process
 from util.config import SECTIONS, parse_config
 from util.figures import FIGURES
 
 ROWS = ["scratch", "pixel", "ema_wse5"]
 SCRIPT_STAGE = {v: k for k, v in reproduce.SCRIPTS.items()}
-
-
-def _in_process(cmd, log_file, quiet):
-    """Stand-in for reproduce.run_stage: the script's main() in this process, cwd = repo root."""
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        importlib.import_module(cmd[0][:-3]).main(cmd[1:])
-        return 0
-    except SystemExit as e:
-        return e.code or 0
-    finally:
-        os.chdir(cwd)
 
 
 def _log(path):
@@ -65,7 +51,7 @@ def smoke_plan(cifar_root, tmp_path_factory):
     pre_log = os.path.join(runs, "pixel", "seed0", "pretrain", "log.txt")
     interrupted = _log(pre_log)
     mp = pytest.MonkeyPatch()
-    mp.setattr(reproduce, "run_stage", _in_process)
+    mp.setattr(reproduce, "run_stage", run_stage_in_process)
     try:
         assert reproduce.main([*common, "--only", *ROWS]) == 0
     finally:

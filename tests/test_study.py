@@ -1,7 +1,6 @@
 """reproduce.py --plan study: smoke scale on a fake Fashion-MNIST produces its table (a row per
 entry), every study row's full-scale command parses, and the report plan is untouched."""
 import contextlib
-import importlib
 import io
 import json
 import os
@@ -10,23 +9,11 @@ import shlex
 import pytest
 
 import reproduce
-from conftest import ROOT
+from conftest import ROOT, run_stage_in_process
 from util.config import SECTIONS, parse_config
 from util.fake_cifar import write_fake_fashion_mnist
 
 ROWS = ["scratch", "pixel", "ema"]
-
-
-def _in_process(cmd, log_file, quiet):
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        importlib.import_module(cmd[0][:-3]).main(cmd[1:])
-        return 0
-    except SystemExit as e:
-        return e.code or 0
-    finally:
-        os.chdir(cwd)
 
 
 def _dry_run(*argv):
@@ -39,7 +26,7 @@ def _dry_run(*argv):
 def test_study_smoke_table(tmp_path, monkeypatch):
     data = write_fake_fashion_mnist(str(tmp_path / "fmnist"))
     runs, figs = str(tmp_path / "runs"), str(tmp_path / "figs")
-    monkeypatch.setattr(reproduce, "run_stage", _in_process)
+    monkeypatch.setattr(reproduce, "run_stage", run_stage_in_process)
     assert reproduce.main(["--plan", "study", "--scale", "smoke", "--data_path", data, "--train_subset", "0",
                            "--output_root", runs, "--figures_dir", figs, "--quiet", "--only", *ROWS]) == 0
     for row in ROWS:

@@ -1,11 +1,14 @@
-"""Device selection and seeding."""
+"""Device selection, seeding, and the epoch iterator shared by the training loops."""
 import contextlib
 import random
+import sys
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
-
 import torch
+from tqdm import tqdm
 
+from util.checkpoint import set_rng_state
 from util.errors import UserError
 
 
@@ -50,3 +53,25 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     torch.manual_seed(s)
     random.seed(s)
     np.random.seed(s % 2**32)
+
+
+def epoch_batches(loader, epoch: int, skip: int = 0, resume_rng: Optional[dict] = None
+                  ) -> Tuple[tqdm, Iterator[Tuple[int, tuple]]]:
+    """A progress bar over `loader` and an iterator of (step index, batch) from step `skip` on.
+
+    Resuming mid-epoch, the first `skip` batches are drawn and dropped, so the loader's own
+    generator advances exactly as in the interrupted run; the RNG states saved with that run's
+    checkpoint (`resume_rng`) are restored right after batch skip-1 is drawn, before batch `skip`
+    (with num_workers=0 its augmentation uses this RNG).
+    """
+    bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=None, file=sys.stderr)
+
+    def batches():
+        for i, batch in enumerate(bar):
+            if i < skip:
+                if i == skip - 1 and resume_rng is not None:
+                    set_rng_state(resume_rng)
+                continue
+            yield i, batch
+    return bar, batches()
