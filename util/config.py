@@ -21,7 +21,7 @@ import yaml
 
 from util.errors import UserError
 
-DATASETS = ("cifar10", "fashion_mnist")
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "image_folder")
 DATA_LOADERS = ("in_memory", "torchvision")
 
 
@@ -35,9 +35,12 @@ class RunConfig:
     """Flags every script shares: data, optimisation schedule, run bookkeeping."""
     config: str = opt("", "YAML file with defaults; command-line flags override it")
     # data
-    dataset: str = opt("cifar10", "dataset name", DATASETS)
+    dataset: str = opt("cifar10", "dataset name (image_folder: your own images, resized and "
+                                  "center-cropped to 32x32 RGB, ImageNet mean/std)", DATASETS)
     data_path: str = opt("./data", "dataset root (CIFAR-10: the folder holding cifar-10-batches-py; "
-                                   "Fashion-MNIST: the folder holding the idx files)")
+                                   "CIFAR-100: the folder holding cifar-100-python; "
+                                   "Fashion-MNIST: the folder holding the idx files; "
+                                   "image_folder: the folder holding train/CLASS/IMAGE and val/CLASS/IMAGE)")
     train_subset: int = opt(0, "use only the first N training images (0: all), for quick studies")
     data_loader: str = opt("in_memory", "in_memory: uint8 set on the device, batched crop/flip; "
                                         "torchvision: per-image PIL transforms in workers", DATA_LOADERS)

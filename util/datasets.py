@@ -1,19 +1,26 @@
 """Datasets as uint8 arrays in memory, plus the classic per-image torchvision pipeline.
 
-CIFAR-10 is read straight from its `cifar-10-batches-py` pickles with a small reader that
-checks structure (keys, shapes, dtypes), not md5: torchvision's CIFAR10 class refuses any
-copy whose checksums differ from the official release, so it is used only to download.
+Every reader returns images (N, H, W, C) uint8 and labels (N,) int64; load_dataset picks one
+by --dataset name and adds the number of classes.
+
+CIFAR-10/100 are read straight from their official pickles with a small reader that checks
+structure (keys, shapes, dtypes), not md5: torchvision's CIFAR classes refuse any copy whose
+checksums differ from the official release, so they are used only to download.
 """
 import gzip
 import os
 import pickle
-from typing import Tuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
 
@@ -22,63 +29,107 @@ FASHION_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                  False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR10_DIR = "cifar-10-batches-py"
-CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
-CIFAR10_TEST = ["test_batch"]
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# Per-channel (mean, std) for normalisation; the one place dataset_stats reads. An image
+# folder can hold anything, so it gets ImageNet's statistics, the usual default for photos.
+STATS: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "fashion_mnist": (FASHION_MEAN, FASHION_STD),
+    "image_folder": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
+}
+IMAGE_SIZE = 32  # the models take 32x32 input; image folders are resized and cropped to it
 
 
-def _cifar_dir(root: str) -> str:
-    """Accept either the parent folder or cifar-10-batches-py itself."""
-    if os.path.basename(os.path.normpath(root)) == CIFAR10_DIR:
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one of the CIFAR releases keeps its pickles and what they hold."""
+    title: str             # for messages
+    folder: str            # what the official archive extracts to
+    archive: str
+    train: Tuple[str, ...]
+    test: Tuple[str, ...]
+    label_key: bytes       # CIFAR-100 also has b"coarse_labels" (20 superclasses); we use the fine ones
+    num_classes: int
+    torchvision_class: str  # used only to download
+
+
+CIFAR = {
+    "cifar10": CifarLayout("CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                           tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                           b"labels", 10, "CIFAR10"),
+    "cifar100": CifarLayout("CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz",
+                            ("train",), ("test",), b"fine_labels", 100, "CIFAR100"),
+}
+
+
+def _cifar_dir(spec: CifarLayout, root: str) -> str:
+    """Accept either the parent folder or the extracted folder (e.g. cifar-10-batches-py) itself."""
+    if os.path.basename(os.path.normpath(root)) == spec.folder:
         return root
-    return os.path.join(root, CIFAR10_DIR)
+    return os.path.join(root, spec.folder)
 
 
-def _read_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+def _read_batch(spec: CifarLayout, path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """One pickle: images (N, 32, 32, 3) uint8 and labels (N,) int64, or a UserError naming it."""
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
     except Exception as e:  # truncated file, not a pickle, ...
-        raise UserError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__})")
-    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
-        raise UserError(f"{path}: not a CIFAR-10 batch (expected keys b'data' and b'labels')")
-    data, labels = np.asarray(d[b"data"]), np.asarray(d[b"labels"])
+        raise UserError(f"{path}: not a readable {spec.title} batch ({type(e).__name__})")
+    key = spec.label_key
+    if not isinstance(d, dict) or b"data" not in d or key not in d:
+        raise UserError(f"{path}: not a {spec.title} batch (expected keys b'data' and {key!r})")
+    data, labels = np.asarray(d[b"data"]), np.asarray(d[key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise UserError(f"{path}: not a CIFAR-10 batch (data {data.dtype} {data.shape}, "
+        raise UserError(f"{path}: not a {spec.title} batch (data {data.dtype} {data.shape}, "
                         f"{len(labels)} labels; expected uint8 (N, 3072) and N labels)")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise UserError(f"{path}: labels outside 0..9")
+    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise UserError(f"{path}: labels outside 0..{spec.num_classes - 1}")
+    # rows are CHW planes: R (1024), G, B
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int64)
 
 
-def read_cifar10(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """Returns images (N, 32, 32, 3) uint8 and labels (N,) int64."""
-    folder = _cifar_dir(root)
-    parts = [_read_batch(os.path.join(folder, name))
-             for name in (CIFAR10_TRAIN if train else CIFAR10_TEST)]
+def read_cifar(name: str, root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 or CIFAR-100 (by `name`): images (N, 32, 32, 3) uint8 and labels (N,) int64."""
+    spec = CIFAR[name]
+    folder = _cifar_dir(spec, root)
+    parts = [_read_batch(spec, os.path.join(folder, f)) for f in (spec.train if train else spec.test)]
     return (np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
             np.concatenate([p[1] for p in parts]))
 
 
-def ensure_cifar10(root: str, download: bool = True) -> None:
-    """Make sure the CIFAR-10 pickles are at `root`, downloading the official archive if not."""
-    folder = _cifar_dir(root)
-    names = CIFAR10_TRAIN + CIFAR10_TEST
+def read_cifar10(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Returns images (N, 32, 32, 3) uint8 and labels (N,) int64 in 0..9."""
+    return read_cifar("cifar10", root, train)
+
+
+def read_cifar100(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Returns images (N, 32, 32, 3) uint8 and fine labels (N,) int64 in 0..99."""
+    return read_cifar("cifar100", root, train)
+
+
+def ensure_cifar(name: str, root: str, download: bool = True) -> None:
+    """Make sure the CIFAR-10/100 pickles are at `root`, downloading the official archive if not."""
+    spec = CIFAR[name]
+    folder = _cifar_dir(spec, root)
+    names = spec.train + spec.test
     if all(os.path.isfile(os.path.join(folder, n)) for n in names):
         return
     if os.path.isfile(root):
-        raise UserError(f"data_path {root} is a file; pass the folder that holds {CIFAR10_DIR}/")
+        raise UserError(f"data_path {root} is a file; pass the folder that holds {spec.folder}/")
     if os.path.isdir(folder):  # a partial or foreign copy: do not download over it
         missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
         raise UserError(f"{folder} is incomplete (missing {', '.join(missing)}); "
                         f"remove it to re-download or fix the copy")
-    hint = (f"CIFAR-10 not found at {root} and could not be downloaded; put the extracted "
-            f"cifar-10-python.tar.gz ({CIFAR10_DIR}/) there or pass --data_path")
+    hint = (f"{spec.title} not found at {root} and could not be downloaded; put the extracted "
+            f"{spec.archive} ({spec.folder}/) there or pass --data_path")
     if not download:
         raise UserError(hint)
     try:
-        from torchvision.datasets import CIFAR10
-        CIFAR10(root, train=True, download=True)
+        import torchvision.datasets
+        getattr(torchvision.datasets, spec.torchvision_class)(root, train=True, download=True)
     except Exception as e:
         raise UserError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
@@ -114,19 +165,96 @@ def read_fashion_mnist(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]), labels
 
 
+# ---- image folder: DATA_PATH/{train,val}/CLASS/IMAGE --------------------------------------------
+
+_LAYOUT = "expected DATA_PATH/train/CLASS/IMAGE and DATA_PATH/val/CLASS/IMAGE (or test/)"
+# Shorter side to 32 (bicubic), then the central 32x32: the whole image keeps its aspect ratio.
+# Resize leaves an image already at 32x32 untouched, so such files are read back exactly.
+_FIT_32 = transforms.Compose([
+    transforms.Resize(IMAGE_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+    transforms.CenterCrop(IMAGE_SIZE)])
+
+
+def _class_folders(split: str) -> List[str]:
+    try:
+        return find_classes(split)[0]  # sorted folder names, as torchvision's ImageFolder orders them
+    except FileNotFoundError:
+        raise UserError(f"{split}: no class folders, hence no images ({_LAYOUT})")
+
+
+def _few(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+
+
+def image_folder_layout(root: str) -> Tuple[List[str], str, str]:
+    """The class names (label i is classes[i]) and the train and val split folders of `root`.
+
+    Both splits are checked on every load, so a bad val split fails before pretraining rather
+    than at the first kNN evaluation.
+    """
+    if not os.path.isdir(root):
+        raise UserError(f"data_path {root} is not a folder ({_LAYOUT})")
+    train = os.path.join(root, "train")
+    if not os.path.isdir(train):
+        raise UserError(f"{root} has no train/ folder ({_LAYOUT})")
+    val = next((p for p in (os.path.join(root, "val"), os.path.join(root, "test")) if os.path.isdir(p)), None)
+    if val is None:
+        raise UserError(f"{root} has neither a val/ nor a test/ folder ({_LAYOUT})")
+    classes, val_classes = _class_folders(train), _class_folders(val)
+    if classes != val_classes:  # else label i would mean different classes in the two splits
+        diff = [f"only in {os.path.basename(split)}/: {_few(only)}" for split, only in
+                ((train, set(classes) - set(val_classes)), (val, set(val_classes) - set(classes))) if only]
+        raise UserError(f"{train} and {val} hold different class folders ({'; '.join(diff)})")
+    return classes, train, val
+
+
+def _load_image(path: str) -> np.ndarray:
+    """One file -> (32, 32, 3) uint8: any PIL mode (L, P, RGBA, ...) converted to RGB first."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # decodes now, inside the try: truncated files fail here
+    except Exception as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__})")
+    return np.asarray(_FIT_32(img))
+
+
+def read_image_folder(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Returns images (N, 32, 32, 3) uint8 and labels (N,) int64 from root/train or root/val.
+
+    All files are decoded once, here, so training sees the same in-memory arrays as for CIFAR.
+    """
+    classes, train_dir, val_dir = image_folder_layout(root)
+    split = train_dir if train else val_dir
+    # allow_empty: a class with no images in one split is legal; a split with none at all is not
+    samples = make_dataset(split, {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
+                           allow_empty=True)
+    if not samples:
+        raise UserError(f"{split}: no images ({' '.join(IMG_EXTENSIONS)}) in its class folders")
+    # PIL releases the GIL while decoding and resizing, so threads give a real speed-up
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(_load_image, [path for path, _ in samples]))
+    return np.stack(images), np.array([label for _, label in samples], dtype=np.int64)
+
+
+# ---- by name ----------------------------------------------------------------------------------
+
 def load_dataset(name: str, root: str, train: bool, download: bool = True
                  ) -> Tuple[np.ndarray, np.ndarray, int]:
     """Returns images (N, H, W, C) uint8, labels (N,) int64, number of classes."""
-    if name == "fashion_mnist":
-        images, labels = read_fashion_mnist(root, train)
-        return images, labels, 10
-    if name != "cifar10":
-        raise UserError(f"unknown dataset {name!r}")
-    ensure_cifar10(root, download)
-    images, labels = read_cifar10(root, train)
+    if name in CIFAR:
+        ensure_cifar(name, root, download)
+        (images, labels), num_classes = read_cifar(name, root, train), CIFAR[name].num_classes
+    elif name == "fashion_mnist":
+        (images, labels), num_classes = read_fashion_mnist(root, train), 10
+    elif name == "image_folder":
+        # the class count comes from the folders, not the labels seen: a class may lack images
+        (images, labels), num_classes = read_image_folder(root, train), len(image_folder_layout(root)[0])
+    else:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(STATS)}")
     if len(images) == 0:
-        raise UserError(f"{root}: the CIFAR-10 files hold no images")
-    return images, labels, 10
+        raise UserError(f"{root}: the {name} files hold no images")
+    return images, labels, num_classes
 
 
 def load_train(cfg) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -149,8 +277,10 @@ def load_splits(cfg):
 
 
 def dataset_stats(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """Per-channel mean and std used for normalisation."""
-    return (FASHION_MEAN, FASHION_STD) if name == "fashion_mnist" else (CIFAR10_MEAN, CIFAR10_STD)
+    """Per-channel mean and std used for normalisation: C values each, C = the images' channels."""
+    if name not in STATS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(STATS)}")
+    return STATS[name]
 
 
 class ArrayDataset(Dataset):
