@@ -12,6 +12,7 @@ from timm.utils import accuracy
 from util.checkpoint import rng_state, save_checkpoint
 from util.logger import RunLogger
 from util.lr_sched import adjust_learning_rate
+from util.nonfinite import NonFiniteGuard
 from util import distributed as dist
 from util.runtime import autocast, epoch_batches, seed_epoch
 from util.signals import StopRequest, should_stop
@@ -20,15 +21,16 @@ from util.signals import StopRequest, should_stop
 def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimizer, epoch: int, cfg,
                     step: int, mixup_fn: Optional[Callable] = None,
                     logger: Optional[RunLogger] = None, skip: int = 0, stop=None,
-                    resume_rng: Optional[dict] = None) -> Dict[str, float]:
+                    resume_rng: Optional[dict] = None, guard: Optional[NonFiniteGuard] = None
+                    ) -> Dict[str, float]:
     """One epoch of supervised training.
 
     Args:
         loader: yields (inputs on device, labels (N,) int64); `set_epoch` already called.
         mixup_fn: timm Mixup, turns labels into soft targets (N, num_classes).
-        skip, stop, resume_rng: as in engine_pretrain.train_one_epoch.
+        skip, stop, resume_rng, guard: as in engine_pretrain.train_one_epoch.
     Returns:
-        mean train loss over the steps run, last lr, `steps` run, `epoch_step` reached,
+        mean train loss over the steps trained, last lr, `steps` run, `epoch_step` reached,
         `bad_step` (first non-finite step of the epoch or -1), seconds, images/s.
     """
     model.train()
@@ -36,7 +38,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    lr, done = 0.0, skip
+    guard = guard or NonFiniteGuard()
+    lr, done, skipped = 0.0, skip, 0
     t0 = time.time()
     bar, batches = epoch_batches(loader, epoch, skip, resume_rng)
     for i, (x, y) in batches:
@@ -45,13 +48,16 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
             x, y = mixup_fn(x, y)
         with autocast(x.device, cfg.precision):
             loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if getattr(cfg, "clip_grad", None):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
-        loss_sum += loss.detach()
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), i, bad_step)
+        if guard.skip(loss, epoch, i):
+            skipped += 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if getattr(cfg, "clip_grad", None):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            loss_sum += loss.detach()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), i, bad_step)
         done = i + 1
         if should_stop(stop, i + 1, cfg.print_freq, device):
             break
@@ -63,9 +69,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
             if logger is not None:
                 logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i - skip + 1)
     seconds, ran = time.time() - t0, done - skip
-    return {"train_loss": dist.mean_across_ranks(loss_sum / max(ran, 1)).item(), "lr": lr, "steps": ran,
-            "epoch_step": done, "bad_step": int(bad_step.item()), "seconds": seconds,
-            "images_per_s": ran * cfg.batch_size * dist.world() / max(seconds, 1e-9)}
+    trained = ran - skipped
+    out = {"train_loss": dist.mean_across_ranks(loss_sum / max(trained, 1)).item() if trained else float("nan"),
+           "lr": lr, "steps": ran, "epoch_step": done, "bad_step": int(bad_step.item()), "seconds": seconds,
+           "images_per_s": ran * cfg.batch_size * dist.world() / max(seconds, 1e-9)}
+    if guard.enabled:
+        out["skipped_steps"] = skipped
+    return out
 
 
 @torch.no_grad()
@@ -98,6 +108,7 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
     save_module = save_module or model
     extra = extra or {}
     start_epoch, step, best, last, epoch_step, resumed_rng = 0, 0, 0.0, {}, 0, None
+    guard = NonFiniteGuard(cfg.skip_nonfinite)
     if own_ckpt is not None:
         save_module.load_state_dict(own_ckpt["model"])
         optimizer.load_state_dict(own_ckpt["optimizer"])
@@ -105,6 +116,7 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
         best, last = own_ckpt["best_acc1"], own_ckpt["last"]
         epoch_step = own_ckpt.get("epoch_step", 0)  # > 0: stopped inside epoch `start_epoch`
         resumed_rng = own_ckpt["rng"] if epoch_step else None
+        guard.skipped = own_ckpt.get("skipped_nonfinite", 0)
         print(f"resumed {kind} at epoch {start_epoch} (best acc@1 so far {best:.2f})")
     logger = RunLogger(cfg.output_dir, enabled=dist.is_main())
     last_path = os.path.join(cfg.output_dir, "checkpoint-last.pth")
@@ -113,11 +125,11 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
         seed_epoch(cfg.seed, epoch)
         train_loader.set_epoch(epoch)
         stats = train_one_epoch(model, criterion, train_loader, optimizer, epoch, cfg, step, mixup_fn, logger,
-                                skip=epoch_step, stop=stop, resume_rng=resumed_rng)
+                                skip=epoch_step, stop=stop, resume_rng=resumed_rng, guard=guard)
         resumed_rng = None
         if stats.pop("bad_step") >= 0:  # nothing is saved: the last good checkpoint stays
             sys.exit(f"error: non-finite loss at epoch {epoch}; stopped without saving; last good "
-                     f"checkpoint: {last_path if os.path.isfile(last_path) else 'none'}")
+                     f"checkpoint: {last_path if os.path.isfile(last_path) else 'none'}{guard.note()}")
         step += stats.pop("steps")
         epoch_step = stats.pop("epoch_step")
         finished = epoch_step == len(train_loader)
@@ -127,7 +139,7 @@ def fit(cfg, kind: str, model: torch.nn.Module, optimizer, criterion: Callable, 
         state = {"kind": kind, "model": save_module.state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": epoch + 1 if finished else epoch, "epoch_step": 0 if finished else epoch_step,
                  "step": step, "config": cfg.to_dict(), "best_acc1": best, "last": last,
-                 "rng": rng_state(), **extra}
+                 "rng": rng_state(), "skipped_nonfinite": guard.skipped, **extra}
         if dist.is_main():
             save_checkpoint(state, last_path)
         if finished:

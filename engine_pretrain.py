@@ -7,13 +7,15 @@ import torch
 from target_encoder import TargetEncoder
 from util import distributed as dist
 from util.lr_sched import adjust_learning_rate
+from util.nonfinite import NonFiniteGuard
 from util.runtime import autocast, epoch_batches
 from util.signals import should_stop
 
 
 def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optimizer,
                     epoch: int, cfg, step: int, logger=None, forward=None, skip: int = 0,
-                    stop=None, resume_rng: Optional[dict] = None) -> Dict[str, float]:
+                    stop=None, resume_rng: Optional[dict] = None,
+                    guard: Optional[NonFiniteGuard] = None) -> Dict[str, float]:
     """Train `model` (the unwrapped MaskedAutoencoderViT) for one epoch.
 
     Args:
@@ -23,8 +25,9 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
         skip: batches of this epoch already trained before an interruption: drawn, not trained.
         stop: a util.signals.StopRequest; when set, return after the current step.
         resume_rng: RNG states saved with a mid-epoch checkpoint, restored after the skip.
+        guard: --skip_nonfinite; a step it skips changes neither the model nor the target.
     Returns:
-        averages over the steps run (loss, target/prediction spread), last lr, images/s,
+        averages over the steps trained (loss, target/prediction spread), last lr, images/s,
         seconds, `steps` run, `epoch_step` reached (== len(loader) unless stopped), and
         `bad_step` (first step of this epoch whose loss was not finite, or -1).
     """
@@ -36,7 +39,8 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
     sums: Dict[str, torch.Tensor] = {}
     # First non-finite step, tracked on the device and read when we sync anyway.
     bad_step = torch.full((), -1, dtype=torch.long, device=next(model.parameters()).device)
-    lr, done = 0.0, skip
+    guard = guard or NonFiniteGuard()
+    lr, done, skipped = 0.0, skip, 0
     world, rank = dist.world(), dist.rank()
     t0 = time.time()
     bar, batches = epoch_batches(loader, epoch, skip, resume_rng)
@@ -48,14 +52,16 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
         with autocast(imgs.device, cfg.precision):  # the target pass runs in bf16 too
             preds, mask = forward(imgs, cfg.mask_ratio, heads, noise)
             loss, stats = target.loss(model, imgs, preds, mask, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        target.on_step_end(epoch, model.encoder, step + i - skip + 1)
-
-        for key, value in {"loss": loss.detach(), **stats}.items():
-            sums[key] = sums[key] + value if key in sums else value.clone()
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), i, bad_step)
+        if guard.skip(loss, epoch, i):
+            skipped += 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            target.on_step_end(epoch, model.encoder, step + i - skip + 1)
+            for key, value in {"loss": loss.detach(), **stats}.items():
+                sums[key] = sums[key] + value if key in sums else value.clone()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), i, bad_step)
         done = i + 1
         if should_stop(stop, i + 1, cfg.print_freq, imgs.device):
             break
@@ -68,7 +74,10 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
                 logger.scalars({"train/loss": loss_now, "train/lr": lr}, step + i - skip + 1)
     seconds = time.time() - t0
     ran = done - skip
-    out = {key: dist.mean_across_ranks(value / max(ran, 1)).item() for key, value in sums.items()}
+    out = {key: dist.mean_across_ranks(value / max(ran - skipped, 1)).item() for key, value in sums.items()}
     out.update(lr=lr, steps=ran, epoch_step=done, bad_step=int(bad_step.item()), seconds=seconds,
                images_per_s=ran * cfg.batch_size * world / max(seconds, 1e-9))
+    if guard.enabled:
+        out.setdefault("loss", float("nan"))  # every step of the epoch skipped: nothing to average
+        out["skipped_steps"] = skipped
     return out

@@ -24,6 +24,7 @@ from util.errors import UserError, cli
 from util.knn import extract_features, knn_accuracy
 from util.loader import EvalLoader, build_train_loader
 from util.logger import RunLogger
+from util.nonfinite import NonFiniteGuard
 from util.rundir import prepare_output_dir
 from util import distributed as dist
 from util.runtime import resolve_device, seed_epoch, speed_options
@@ -84,6 +85,7 @@ def main(argv=None) -> None:
         raise UserError(f"target_layers {cfg.target_layers} exceeds the encoder depth {len(model.encoder.blocks)}")
 
     start_epoch, step, epoch_step, resumed_rng = 0, 0, 0, None
+    guard = NonFiniteGuard(cfg.skip_nonfinite)
     resume = find_resume(cfg)
     if resume:
         ckpt = load_checkpoint(resume, kind="pretrain")
@@ -96,6 +98,7 @@ def main(argv=None) -> None:
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         epoch_step = ckpt.get("epoch_step", 0)  # > 0: stopped inside epoch `start_epoch`
         resumed_rng = ckpt["rng"] if epoch_step else None
+        guard.skipped = ckpt.get("skipped_nonfinite", 0)
         print(f"resumed from {resume} at epoch {start_epoch}" + (f", step {epoch_step}" if epoch_step else ""))
 
     if dist.is_main():
@@ -113,12 +116,13 @@ def main(argv=None) -> None:
         # Mid-epoch resume: the epoch-start refresh already happened in the first run.
         refreshed = False if resumed_rng is not None else target.on_epoch_start(epoch, model.encoder)
         stats = engine_pretrain.train_one_epoch(model, target, loader, optimizer, epoch, cfg, step, logger,
-                                                forward, skip=epoch_step, stop=stop, resume_rng=resumed_rng)
+                                                forward, skip=epoch_step, stop=stop, resume_rng=resumed_rng,
+                                                guard=guard)
         resumed_rng = None
         if stats["bad_step"] >= 0:  # nothing is saved: the last good checkpoint stays as it is
             sys.exit(f"error: non-finite loss at epoch {epoch}, step {stats['bad_step']} of the epoch; "
                      f"stopped without saving; last good checkpoint: "
-                     f"{last_path if os.path.isfile(last_path) else 'none'}")
+                     f"{last_path if os.path.isfile(last_path) else 'none'}{guard.note()}")
         step += stats.pop("steps")
         epoch_step = stats.pop("epoch_step")
         if dist.world() > 1 and not dist.all_equal(target.checksum().to(device)):
@@ -130,7 +134,7 @@ def main(argv=None) -> None:
                  "target_slow": target.slow_state_dict(),
                  "optimizer": optimizer.state_dict(), "epoch": epoch + 1 if finished else epoch,
                  "epoch_step": 0 if finished else epoch_step, "step": step,
-                 "config": cfg.to_dict(), "rng": rng_state()}
+                 "config": cfg.to_dict(), "rng": rng_state(), "skipped_nonfinite": guard.skipped}
         if dist.is_main():
             save_checkpoint(state, last_path)
         if not finished:

@@ -1,4 +1,6 @@
 """Runs survive signals, kills during saves, NaNs and bad input without losing finished epochs."""
+import json
+import math
 import os
 import signal
 
@@ -94,6 +96,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_root, tmp_path, mon
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values())
 
 
+def nan_loss_on_calls(monkeypatch, bad_calls):
+    """Make TargetEncoder.loss return NaN on the chosen calls (5 steps per smoke epoch)."""
+    real_loss = target_encoder.TargetEncoder.loss
+    calls = {"n": 0}
+
+    def poisoned(self, *args):
+        loss, stats = real_loss(self, *args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] - 1 in bad_calls else loss), stats
+
+    monkeypatch.setattr(target_encoder.TargetEncoder, "loss", poisoned)
+
+
+def test_skip_nonfinite_skips_bad_steps_without_touching_weights(cifar_root, tmp_path, monkeypatch):
+    nan_loss_on_calls(monkeypatch, set(range(5, 10)))  # every step of epoch 1
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--skip_nonfinite", "5"))
+    e1 = torch.load(tmp_path / "checkpoint-1.pth", weights_only=True)
+    e2 = torch.load(tmp_path / "checkpoint-2.pth", weights_only=True)
+    assert e2["epoch"] == 2 and e2["skipped_nonfinite"] == 5
+    for k, v in e1["model"].items():  # a skipped step changes nothing
+        assert torch.equal(e2["model"][k], v), k
+    assert e2["optimizer"]["state"][0]["step"] == e1["optimizer"]["state"][0]["step"]
+    with open(tmp_path / "log.txt") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["skipped_steps"] for r in records] == [0, 5]
+    assert math.isfinite(records[0]["loss"]) and math.isnan(records[1]["loss"])
+
+
+def test_skip_nonfinite_stops_once_the_budget_is_spent(cifar_root, tmp_path, monkeypatch):
+    nan_loss_on_calls(monkeypatch, {5, 6, 7})
+    with pytest.raises(SystemExit) as e:
+        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--skip_nonfinite", "2"))
+    msg = str(e.value.code)
+    assert "non-finite loss at epoch 1, step 2" in msg and "the most --skip_nonfinite 2 allows" in msg
+    ckpt, w = weights(tmp_path / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values())
+
+
 def test_different_config_in_same_output_dir_is_refused(cifar_root, tmp_path, capsys):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0"))
     with pytest.raises(SystemExit) as e:
@@ -174,5 +214,10 @@ def test_finetune_nan_stops_without_saving(cifar_root, tmp_path, monkeypatch):
     monkeypatch.setattr(engine_finetune, "evaluate", poison_after_first_epoch)
     with pytest.raises(SystemExit) as e:
         run_main("main_finetune", *smoke_args(cifar_root, tmp_path, "--from_scratch", "--epochs", "2"))
-    assert "non-finite loss at epoch 1" in str(e.value.code)
+    assert "non-finite loss at epoch 1" in str(e.value.code) and "--skip_nonfinite N" in str(e.value.code)
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+    # the weights stay NaN, so skipping cannot help: the budget runs out and the run stops
+    with pytest.raises(SystemExit) as e:
+        run_main("main_finetune", *smoke_args(cifar_root, tmp_path, "--from_scratch", "--epochs", "2",
+                                              "--skip_nonfinite", "3"))
+    assert "after skipping 3 bad steps" in str(e.value.code)

@@ -63,6 +63,8 @@ class RunConfig:
     precision: str = opt("bf16", "bf16 autocast on CUDA (fp32 weights, no GradScaler); fp32 everywhere "
                                  "else (CPU ignores bf16 with a message)", ("bf16", "fp32"))
     compile: bool = opt(False, "torch.compile the model (CUDA only; ignored on CPU with a message)")
+    skip_nonfinite: int = opt(0, "skip up to N steps with a NaN/inf loss over the run (0: stop at the "
+                                 "first; >0 costs one host sync per step)")
 
     def validate(self) -> None:
         """Raise UserError with a one-line message for the first invalid value."""
@@ -79,6 +81,7 @@ class RunConfig:
             (self.train_subset >= 0, f"train_subset must be >= 0, got {self.train_subset}"),
             (self.save_freq >= 1, f"save_freq must be >= 1, got {self.save_freq}"),
             (self.print_freq >= 1, f"print_freq must be >= 1, got {self.print_freq}"),
+            (self.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {self.skip_nonfinite}"),
             (_valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
         ]
         for ok, msg in checks:

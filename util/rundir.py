@@ -8,7 +8,7 @@ from util.errors import UserError
 
 # Keys that may change between invocations of one run without changing what it computes.
 NEUTRAL_KEYS = {"config", "resume", "output_dir", "data_path", "num_workers", "device", "print_freq",
-                "save_freq", "epochs", "compile"}
+                "save_freq", "epochs", "compile", "skip_nonfinite"}
 
 
 def ensure_writable(output_dir: str) -> None:
