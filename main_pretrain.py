@@ -39,12 +39,15 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
-def knn_monitor(model, cfg, device, mean, std, num_classes: int) -> float:
-    """kNN accuracy of the online encoder's frozen features: train set -> test set."""
+def knn_monitor(model, cfg, device, mean, std, num_classes: int, sets) -> float:
+    """kNN accuracy of the online encoder's frozen features: train set -> test set.
+
+    sets: ((train images, labels), (test images, labels)), uint8 (N, H, W, C) and int64 (N,),
+    loaded once per run rather than at every evaluation.
+    """
     from models_vit import pool_tokens
     encode = lambda x: pool_tokens(model.encoder.forward_features(x), cfg.knn_pool)  # noqa: E731
     model.eval()
-    sets = [load_train(cfg)[:2], load_dataset(cfg.dataset, cfg.data_path, train=False)[:2]]
     (tr_f, tr_y), (te_f, te_y) = [extract_features(encode, EvalLoader(x, y, cfg.batch_size, device, mean, std))
                                   for x, y in sets]
     return knn_accuracy(tr_f, tr_y, te_f, te_y, num_classes, cfg.knn_k, cfg.knn_t)
@@ -109,6 +112,9 @@ def main(argv=None) -> None:
           f"{len(images)} images, {len(loader)} steps/epoch, lr {cfg.lr:.2e}, output {cfg.output_dir}")
     last_path = os.path.join(cfg.output_dir, "checkpoint-last.pth")
     stop = StopRequest()
+    knn_sets = None
+    if cfg.knn_every and dist.is_main():  # the train arrays are the ones pretraining uses
+        knn_sets = ((images, labels), load_dataset(cfg.dataset, cfg.data_path, train=False)[:2])
 
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)
@@ -147,7 +153,7 @@ def main(argv=None) -> None:
         record = {"epoch": epoch, **target.describe(epoch), "target_refreshed": refreshed,
                   **stats, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         if dist.is_main() and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-            record["knn_acc"] = knn_monitor(model, cfg, device, mean, std, num_classes)
+            record["knn_acc"] = knn_monitor(model, cfg, device, mean, std, num_classes, knn_sets)
         logger.epoch(record)
         print(f"epoch {epoch}: loss {stats['loss']:.4f} ({record['regress']}) "
               f"lr {stats['lr']:.2e} {stats['images_per_s']:.0f} img/s {stats['seconds']:.1f}s"
