@@ -46,8 +46,8 @@ def test_study_smoke_table(tmp_path, monkeypatch):
     with open(os.path.join(figs, "study_results.json")) as f:
         stats = json.load(f)
     assert set(stats) == set(ROWS) and stats["pixel"]["knn_acc"][2] == 1
-    assert stats["pixel"]["d_knn_acc"] is None  # the baseline has no difference to itself
-    d = stats["ema"]["d_knn_acc"][0]
+    assert stats["pixel"]["d_pixel_knn_acc"] is None  # the baseline has no difference to itself
+    d = stats["ema"]["d_pixel_knn_acc"][0]
     assert d == pytest.approx(stats["ema"]["knn_acc"][0] - stats["pixel"]["knn_acc"][0])
     assert stats["ema"]["target_std"][0] > 0 and stats["scratch"]["target_std"] is None
     assert os.path.getsize(os.path.join(figs, "study.png")) > 1000
@@ -103,12 +103,16 @@ def test_study_stats_are_paired_over_seeds(tmp_path):
     put("ema", 0, 52.0, 61.0, tstd=0.5)
     put("ema", 1, 63.0, 69.0, tstd=0.7)
     st = collect_study(str(tmp_path), ["pixel", "ema", "missing"])
-    m, sd, n = st["ema"]["d_best_acc1"]
+    m, sd, n = st["ema"]["d_pixel_best_acc1"]
     assert (m, n) == (2.5, 2) and sd == pytest.approx(0.5 ** 0.5)  # diffs 2 and 3
-    m, sd, n = st["ema"]["d_knn_acc"]
+    m, sd, n = st["ema"]["d_pixel_knn_acc"]
     assert m == 0.0 and sd == pytest.approx(2 ** 0.5)  # diffs +1 and -1
+    m, sd, n = st["pixel"]["d_ema_best_acc1"]
+    assert (m, n) == (-2.5, 2)  # the same pairs, seen from the other side
+    assert st["ema"]["d_ema_best_acc1"] is None and st["pixel"]["d_pixel_knn_acc"] is None
     assert st["ema"]["target_std"][0] == pytest.approx(0.6)  # the last epoch, not the first
     assert st["missing"]["best_acc1"] is None
     lines = study_table(st).splitlines()
     assert lines[3].startswith("| ema | 2 | 57.50 ± 7.78 |") and "+2.50 ± 0.71" in lines[3]
+    assert lines[2].count("|") == lines[0].count("|") == lines[1].count("|") == 12
     assert lines[4].startswith("| missing | 0 | - |")
