@@ -80,22 +80,6 @@ def test_kill_during_save_keeps_previous_checkpoint(cifar_root, tmp_path, monkey
     assert all(torch.equal(after["model"][k], v) for k, v in good["model"].items())
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_root, tmp_path, monkeypatch):
-    real_loss = target_encoder.TargetEncoder.loss
-
-    def nan_in_epoch_1(self, model, imgs, preds, mask, epoch):
-        loss, stats = real_loss(self, model, imgs, preds, mask, epoch)
-        return (loss * float("nan") if epoch == 1 else loss), stats
-
-    monkeypatch.setattr(target_encoder.TargetEncoder, "loss", nan_in_epoch_1)
-    with pytest.raises(SystemExit) as e:
-        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "3"))
-    msg = str(e.value.code)
-    assert "non-finite loss at epoch 1, step 0" in msg and "checkpoint-last.pth" in msg
-    ckpt, w = weights(tmp_path / "checkpoint-last.pth")
-    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values())
-
-
 def nan_loss_on_calls(monkeypatch, bad_calls):
     """Make TargetEncoder.loss return NaN on the chosen calls (5 steps per smoke epoch)."""
     real_loss = target_encoder.TargetEncoder.loss
@@ -107,6 +91,22 @@ def nan_loss_on_calls(monkeypatch, bad_calls):
         return (loss * float("nan") if calls["n"] - 1 in bad_calls else loss), stats
 
     monkeypatch.setattr(target_encoder.TargetEncoder, "loss", poisoned)
+
+
+def expect_nan_stop(cifar_root, tmp_path, *extra, says=()):
+    """The run stops on a NaN loss, saying `says`, and checkpoint-last.pth is epoch 0's, finite."""
+    with pytest.raises(SystemExit) as e:
+        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, *extra))
+    msg = str(e.value.code)
+    assert all(s in msg for s in ("checkpoint-last.pth", *says)), msg
+    ckpt, w = weights(tmp_path / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_root, tmp_path, monkeypatch):
+    nan_loss_on_calls(monkeypatch, set(range(5, 15)))  # epochs 1 and 2
+    expect_nan_stop(cifar_root, tmp_path, "--epochs", "3",
+                    says=("non-finite loss at epoch 1, step 0", "rerun with --skip_nonfinite N"))
 
 
 def test_skip_nonfinite_skips_bad_steps_without_touching_weights(cifar_root, tmp_path, monkeypatch):
@@ -126,12 +126,8 @@ def test_skip_nonfinite_skips_bad_steps_without_touching_weights(cifar_root, tmp
 
 def test_skip_nonfinite_stops_once_the_budget_is_spent(cifar_root, tmp_path, monkeypatch):
     nan_loss_on_calls(monkeypatch, {5, 6, 7})
-    with pytest.raises(SystemExit) as e:
-        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--skip_nonfinite", "2"))
-    msg = str(e.value.code)
-    assert "non-finite loss at epoch 1, step 2" in msg and "the most --skip_nonfinite 2 allows" in msg
-    ckpt, w = weights(tmp_path / "checkpoint-last.pth")
-    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values())
+    expect_nan_stop(cifar_root, tmp_path, "--skip_nonfinite", "2",
+                    says=("non-finite loss at epoch 1, step 2", "the most --skip_nonfinite 2 allows"))
 
 
 def test_different_config_in_same_output_dir_is_refused(cifar_root, tmp_path, capsys):
