@@ -51,7 +51,7 @@ REPORT_PLAN = ["scratch", "pixel",
 # The improvement study (docs/RESULTS.md): configs/study/NAME.yaml each, pretrain -> cached-feature
 # linear probe + kNN only, on a small Fashion-MNIST recipe that fits a 2-core CPU.
 STUDY_PLAN = ["scratch", "pixel", "mae_k", "ema", "ema_step_cosine", "ema_layers", "ema_prenorm_ln",
-              "ema_pixel", "dual", "improved"]
+              "ema_pixel", "dual", "ema_all", "improved"]
 PLANS = {"report": REPORT_PLAN, "study": STUDY_PLAN}
 PLAN_DIRS = {"report": PLAN_DIR, "study": os.path.join("configs", "study")}
 STUDY_STAGES = ("pretrain", "linprobe")

@@ -75,7 +75,22 @@ def test_study_commands_parse(scale, monkeypatch, tmp_path):
             assert cfg.cached_features and cfg.knn
     improved = next(c for c in cmds if "configs/study/improved.yaml" in c)
     cfg = parse_config(SECTIONS["pretrain"], "pretrain", improved[2:])
-    assert cfg.target == "ema" and cfg.target_layers == 3 and cfg.ema_every == "step"
+    assert cfg.target == "ema" and cfg.target_layers == 3 and cfg.pixel_weight == 1.0
+
+
+def test_pretrain_improved_preset_matches_the_study_row():
+    """configs/pretrain_improved.yaml turns on exactly the target options of the study's best row."""
+    import yaml
+    from util.config import PretrainConfig
+    with open(os.path.join(reproduce.ROOT, "configs", "study", "improved.yaml")) as f:
+        row = yaml.safe_load(f)["pretrain"]
+    with open(os.path.join(reproduce.ROOT, "configs", "pretrain_improved.yaml")) as f:
+        preset = yaml.safe_load(f)["pretrain"]
+    # epoch counts (wse, feature_ramp) and tau are scaled to each schedule; the switches must agree
+    switches = ("target", "ema_every", "target_layers", "target_norm", "target_prenorm", "pixel_weight", "tau_end")
+    default = PretrainConfig()
+    for key in switches:
+        assert row.get(key, getattr(default, key)) == preset.get(key, getattr(default, key)), key
 
 
 def test_study_default_data_path():
