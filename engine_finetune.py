@@ -48,11 +48,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader, optimiz
             x, y = mixup_fn(x, y)
         with autocast(x.device, cfg.precision):
             loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # even on a step to skip: DDP's reducer expects every forward to get one
         if guard.skip(loss, epoch, i):
             skipped += 1
         else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if getattr(cfg, "clip_grad", None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()

@@ -52,11 +52,11 @@ def train_one_epoch(model: torch.nn.Module, target: TargetEncoder, loader, optim
         with autocast(imgs.device, cfg.precision):  # the target pass runs in bf16 too
             preds, mask = forward(imgs, cfg.mask_ratio, heads, noise)
             loss, stats = target.loss(model, imgs, preds, mask, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # even on a step to skip: DDP's reducer expects every forward to get one
         if guard.skip(loss, epoch, i):
             skipped += 1
         else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
             target.on_step_end(epoch, model.encoder, step + i - skip + 1)
             for key, value in {"loss": loss.detach(), **stats}.items():

@@ -2,9 +2,11 @@
 
 Off (N = 0, the default) a non-finite loss stops the run without saving, and the check costs no
 host sync: the engines track the first bad step on the device. On, every step's loss is read
-before backward (one host sync per step, plus one all-reduce under torchrun, so all ranks skip the
-same steps: DDP would spread one rank's NaN gradients to every rank anyway). The count survives
-resume through the checkpoint, so N bounds the whole run, not each invocation.
+after backward (one host sync per step, plus one all-reduce under torchrun, so all ranks skip the
+same steps: DDP has already spread one rank's NaN gradients to every rank) and a bad step gets
+no optimizer step and no target update. What the forward pass did is not undone (BatchNorm
+running statistics of a linear probe's head). The count survives resume through the checkpoint,
+so N bounds the whole run, not each invocation.
 """
 import torch
 
