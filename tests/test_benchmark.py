@@ -6,8 +6,8 @@ import os
 from conftest import ROOT
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("throughput", os.path.join(ROOT, "benchmarks", "throughput.py"))
+def load_benchmark(name: str = "throughput"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -30,3 +30,19 @@ def test_throughput_smoke_writes_every_row(tmp_path, capsys):
         if r["variant"] == "fast" or r["bench"] == "data" and r["variant"] != "in_memory":
             assert r["ratio"] > 0
     assert "s per 50k-image epoch" in capsys.readouterr().out
+
+
+def test_probe_recipe_runs_each_setting(cifar_root, tmp_path, monkeypatch, capsys):
+    from conftest import run_main, smoke_args
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path / "pre", "--epochs", "1", "--warmup_epochs", "0"))
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr("sys.argv", ["probe_recipe.py", "--finetune", str(tmp_path / "pre" / "checkpoint-last.pth"),
+                                     "--data_path", cifar_root, "--device", "cpu", "--grid", "1:0.1", "2:5",
+                                     "--json", str(out), "--", "--batch_size", "32"])
+    assert load_benchmark("probe_recipe").main() == 0
+    rows = json.loads(out.read_text())
+    assert [(r["epochs"], r["blr"]) for r in rows] == [(1, 0.1), (2, 5.0)]
+    assert all(0 <= r["best_acc1"] <= 100 and 0 <= r["knn_acc"] <= 100 for r in rows)
+    # the same frozen features: kNN does not depend on the probe's setting
+    assert rows[0]["knn_acc"] == rows[1]["knn_acc"]
+    assert "epochs    2  blr 5" in capsys.readouterr().out

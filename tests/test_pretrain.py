@@ -111,6 +111,7 @@ BAD = [
     (["--epochs", "0"], "epochs must be >= 1"),
     (["--blr", "-1"], "blr must be > 0"),
     (["--tau", "abc"], "invalid float value"),
+    (["--skip_nonfinite", "-1"], "skip_nonfinite must be >= 0"),
 ]
 
 
