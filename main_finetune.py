@@ -14,11 +14,11 @@ from timm.optim import param_groups_layer_decay
 
 import models_vit
 from engine_finetune import fit
-from util.augment import finetune_transform
-from util.config import FinetuneConfig, parse_config, save_yaml
-from util.datasets import dataset_stats, load_splits
+from dataio.augment import finetune_transform
+from config import FinetuneConfig, parse_config, save_yaml
+from dataio.datasets import dataset_stats, load_splits
 from util.errors import UserError, cli
-from util.loader import EvalLoader, TorchvisionLoader
+from dataio.loader import EvalLoader, TorchvisionLoader
 from util.pretrained import setup_eval_run
 from util import distributed as dist
 from util.runtime import speed_options

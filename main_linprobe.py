@@ -12,11 +12,11 @@ from torchvision import transforms
 
 import models_vit
 from engine_finetune import fit
-from util.config import LinprobeConfig, parse_config, save_yaml
-from util.datasets import dataset_stats, eval_transform, load_splits
+from config import LinprobeConfig, parse_config, save_yaml
+from dataio.datasets import dataset_stats, eval_transform, load_splits
 from util.errors import cli
-from util.knn import extract_features, knn_accuracy
-from util.loader import EvalLoader, TensorLoader, build_train_loader
+from engine_eval import extract_features, knn_accuracy
+from dataio.loader import EvalLoader, TensorLoader, build_train_loader
 from util.pretrained import setup_eval_run
 from util import distributed as dist
 from util.runtime import speed_options

@@ -18,11 +18,11 @@ import engine_pretrain
 from models_mae import create_model
 from target_encoder import build_target
 from util.checkpoint import load_checkpoint, rng_state, save_checkpoint
-from util.config import PretrainConfig, parse_config, save_yaml
-from util.datasets import dataset_stats, load_dataset, load_train, pretrain_transform
+from config import PretrainConfig, parse_config, save_yaml
+from dataio.datasets import dataset_stats, load_dataset, load_train, pretrain_transform
 from util.errors import UserError, cli
-from util.knn import extract_features, knn_accuracy
-from util.loader import EvalLoader, build_train_loader
+from engine_eval import extract_features, knn_accuracy
+from dataio.loader import EvalLoader, build_train_loader
 from util.logger import RunLogger
 from util.nonfinite import NonFiniteGuard
 from util.rundir import prepare_output_dir

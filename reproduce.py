@@ -181,7 +181,7 @@ def stage_command(row: Row, stage: str, seed: int, args) -> List[str]:
 
 def configured_epochs(stage: str, argv: List[str]) -> int:
     """The epochs a command will train, resolved by the script's own parser (also validates it)."""
-    from util.config import SECTIONS, parse_config
+    from config import SECTIONS, parse_config
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
@@ -312,14 +312,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dry_run:
         return 0
     if args.plan == "study":
-        from util.study import write_study
+        from results.study import write_study
         fig_dir = _path_arg(args.figures_dir) if args.figures_dir else args.output_root
         written = write_study(os.path.join(ROOT, args.output_root), names, os.path.join(ROOT, fig_dir))
         with open(written[0]) as f:
             print(f.read())
         print(f"[reproduce] wrote {', '.join(os.path.relpath(w, ROOT) for w in written)}")
     elif not args.no_figures:
-        from util.figures import make_all
+        from results.figures import make_all
         fig_dir = _path_arg(args.figures_dir) if args.figures_dir else "report_figures"
         written = make_all(os.path.join(ROOT, args.output_root), os.path.join(ROOT, fig_dir))
         print(f"[reproduce] wrote {len(written)} files to {fig_dir}")

@@ -23,11 +23,11 @@ import models_vit  # noqa: E402
 from models_mae import create_model  # noqa: E402
 from target_encoder import TargetEncoder  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
-from util.augment import finetune_transform  # noqa: E402
-from util.config import FinetuneConfig, PretrainConfig  # noqa: E402
-from util.datasets import CIFAR10_MEAN, CIFAR10_STD, pretrain_transform  # noqa: E402
-from util.gpu_loader import InMemoryLoader  # noqa: E402
-from util.loader import TorchvisionLoader  # noqa: E402
+from dataio.augment import finetune_transform  # noqa: E402
+from config import FinetuneConfig, PretrainConfig  # noqa: E402
+from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD, pretrain_transform  # noqa: E402
+from dataio.in_memory import InMemoryLoader  # noqa: E402
+from dataio.loader import TorchvisionLoader  # noqa: E402
 from util.runtime import autocast, resolve_device, speed_options  # noqa: E402
 
 EPOCH_IMAGES = 50_000  # CIFAR-10 train set

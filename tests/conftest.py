@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 
-from util.fake_cifar import write_fake_cifar10  # noqa: E402
+from dataio.fake import write_fake_cifar10  # noqa: E402
 
 torch.set_num_threads(2)
 

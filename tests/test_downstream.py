@@ -9,7 +9,7 @@ import torch
 import models_vit
 from conftest import run_main, smoke_args
 from main_finetune import build_optimizer as ft_optimizer
-from util.knn import knn_accuracy
+from engine_eval import knn_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_randaugment_survives_max_magnitude_posterize():
     """rand-m9-mstd0.5 reaches magnitude 10 = 0-bit posterize, which Pillow 13 rejects."""
     import numpy as np
     from PIL import Image
-    from util.augment import finetune_transform
+    from dataio.augment import finetune_transform
 
     class Cfg:
         aa, reprob, remode = "rand-n3-m10-inc1", 0.25, "pixel"

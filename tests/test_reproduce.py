@@ -14,8 +14,8 @@ import pytest
 
 import reproduce
 from conftest import ROOT, run_main, run_stage_in_process
-from util.config import SECTIONS, parse_config
-from util.figures import FIGURES
+from config import SECTIONS, parse_config
+from results.figures import FIGURES
 
 ROWS = ["scratch", "pixel", "ema_wse5"]
 SCRIPT_STAGE = {v: k for k, v in reproduce.SCRIPTS.items()}

@@ -10,8 +10,8 @@ import pytest
 
 import reproduce
 from conftest import ROOT, run_stage_in_process
-from util.config import SECTIONS, parse_config
-from util.fake_cifar import write_fake_fashion_mnist
+from config import SECTIONS, parse_config
+from dataio.fake import write_fake_fashion_mnist
 
 ROWS = ["scratch", "pixel", "ema"]
 
@@ -81,7 +81,7 @@ def test_study_commands_parse(scale, monkeypatch, tmp_path):
 def test_pretrain_improved_preset_matches_the_study_row():
     """configs/pretrain_improved.yaml turns on exactly the target options of the study's best row."""
     import yaml
-    from util.config import PretrainConfig
+    from config import PretrainConfig
     with open(os.path.join(reproduce.ROOT, "configs", "study", "improved.yaml")) as f:
         row = yaml.safe_load(f)["pretrain"]
     with open(os.path.join(reproduce.ROOT, "configs", "pretrain_improved.yaml")) as f:
@@ -101,7 +101,7 @@ def test_study_default_data_path():
 
 def test_study_stats_are_paired_over_seeds(tmp_path):
     """Δ vs pixel is the mean +- std of per-seed differences, not a difference of means."""
-    from util.study import collect_study, study_table
+    from results.study import collect_study, study_table
 
     def put(row, seed, best, knn, tstd=None):
         d = tmp_path / row / f"seed{seed}"

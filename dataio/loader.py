@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from util.datasets import ArrayDataset, seeded_generator
+from dataio.datasets import ArrayDataset, seeded_generator
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ def build_train_loader(cfg, images: np.ndarray, labels: np.ndarray, device: torc
     """
     from util.distributed import rank, world
     if cfg.data_loader == "in_memory":
-        from util.gpu_loader import InMemoryLoader
+        from dataio.in_memory import InMemoryLoader
         return InMemoryLoader(images, labels, cfg.batch_size, device, cfg.seed, mean=mean, std=std,
                               crop=augment, flip=augment, scale=scale, rank=rank(), world_size=world())
     return TorchvisionLoader(images, labels, transform, cfg.batch_size, device, cfg.seed, cfg.num_workers,

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from util.figures import mean_std, pyplot, read_json, read_log
+from results.figures import mean_std, pyplot, read_json, read_log
 
 METRICS = ("best_acc1", "last_acc1", "knn_acc")
 BASELINE = "pixel"  # REFERENCE.md section 4: judge every variant against pixel MAE

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from util.gpu_loader import InMemoryLoader, crop_resize, sample_boxes
+from dataio.in_memory import InMemoryLoader, crop_resize, sample_boxes
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CPU = torch.device("cpu")

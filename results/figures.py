@@ -381,7 +381,7 @@ def _load_pretrain(ckpt_path: str):
 
 def _test_images(cfg: dict, n: int):
     import torch
-    from util.datasets import dataset_stats, load_dataset
+    from dataio.datasets import dataset_stats, load_dataset
     images, _, _ = load_dataset(cfg.get("dataset", "cifar10"), cfg["data_path"], train=False, download=False)
     mean, std = dataset_stats(cfg.get("dataset", "cifar10"))
     x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float() / 255.0

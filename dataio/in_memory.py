@@ -2,7 +2,7 @@
 
 The uint8 dataset is moved to the device once; each batch is a slice of an on-device
 permutation, cropped, resized, flipped and normalised in a handful of tensor ops. It has the
-interface of `util.loader.TorchvisionLoader` (`set_epoch`, `len`, iterate (imgs, labels)).
+interface of `dataio.loader.TorchvisionLoader` (`set_epoch`, `len`, iterate (imgs, labels)).
 
 Every random draw (order, crop boxes, flips) comes from a device generator seeded from
 (seed, epoch) only: an epoch is reproducible in isolation (exact resume) and the global RNG,
@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from util.datasets import CIFAR10_MEAN, CIFAR10_STD
+from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD
 
 Boxes = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # top, left, h, w
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -190,7 +190,7 @@ class InMemoryLoader:
         return self.per_rank // b if self.drop_last else -(-self.per_rank // b)
 
     def _generator(self) -> torch.Generator:
-        # Same (seed, epoch) -> seed mapping as util.datasets.seeded_generator, on the device.
+        # Same (seed, epoch) -> seed mapping as dataio.datasets.seeded_generator, on the device.
         return torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

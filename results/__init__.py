@@ -1,0 +1,1 @@
+"""Reading finished runs: tables, figures and the study summary."""
