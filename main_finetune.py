@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained encoder (or a random one) on CIFAR-10 classification.
+"""Fine-tune a pretrained encoder (or a random one) on image classification (--dataset).
 
     python main_finetune.py --finetune output/pretrain_ema/checkpoint-last.pth
     python main_finetune.py --resume output/pretrain_ema/checkpoint-last.pth   # same: a pretraining ckpt initialises
@@ -13,15 +13,16 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
 import models_vit
-from engine_finetune import fit
+from config import FinetuneConfig, parse_config
 from dataio.augment import finetune_transform
-from config import FinetuneConfig, parse_config, save_yaml
 from dataio.datasets import dataset_stats, load_splits
-from util.errors import UserError, cli
 from dataio.loader import EvalLoader, TorchvisionLoader
-from util.pretrained import setup_eval_run
+from engine_finetune import Classification
+from eval_setup import setup_eval_run
 from util import distributed as dist
+from util.errors import UserError, cli
 from util.runtime import speed_options
+from util.trainer import Run
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -30,6 +31,18 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                                       no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=cfg.layer_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda)
+
+
+def build_criterion(cfg, num_classes: int):
+    """(timm Mixup or None, loss): soft targets with mixup/cutmix, else label smoothing."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                         switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
+                         num_classes=num_classes)
+        return mixup_fn, SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(cfg.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
 
 
 @cli
@@ -54,29 +67,16 @@ def main(argv=None) -> None:
     train_loader = TorchvisionLoader(train_x, train_y, finetune_transform(cfg, img_size, mean, std),
                                      cfg.batch_size, device, cfg.seed, cfg.num_workers,
                                      rank=dist.rank(), world_size=dist.world())
-    test_loader = EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std)
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                         switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
-                         num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif cfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-    optimizer = build_optimizer(model, cfg)
-    forward = model
-    if dist.world() > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model)
-    forward = speed_options(forward, cfg, device)
-
-    if dist.is_main():
-        save_yaml(cfg.to_dict(), os.path.join(cfg.output_dir, "config.yaml"))
+    forward = torch.nn.parallel.DistributedDataParallel(model) if dist.world() > 1 else model
+    mixup_fn, criterion = build_criterion(cfg, num_classes)
+    engine = Classification(cfg, "finetune", model, speed_options(forward, cfg, device), build_optimizer(model, cfg),
+                            criterion, EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std), mixup_fn,
+                            extra={"init": start.init, "checkpoint_key": cfg.checkpoint_key})
+    if own is not None:
+        engine.load_state_dict(own)
     print(f"fine-tuning {cfg.model} on {device}: {len(train_x)} images, lr {cfg.lr:.2e}, "
           f"output {cfg.output_dir}")
-    fit(cfg, "finetune", forward, optimizer, criterion, train_loader, test_loader, own,
-        save_module=model, mixup_fn=mixup_fn, extra={"init": start.init, "checkpoint_key": cfg.checkpoint_key})
+    Run(cfg, engine, train_loader, own, start.resume).fit()
 
 
 if __name__ == "__main__":

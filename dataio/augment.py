@@ -1,11 +1,53 @@
-"""Fine-tuning augmentation: timm's RandAugment + random erasing pipeline, with one repair.
+"""Augmentation recipes, each written once.
 
-timm's "increasing" posterize maps the top magnitude (10, reached often with mstd 0.5) to
-0 bits, which Pillow >= 13 rejects with a ValueError mid-epoch. We keep at least 1 bit
-(the nearest valid image: almost black, as 0 bits meant) instead of crashing.
+`Augment` is the spec of the crop + flip recipes (pretraining, linear probing, none) from which
+either training loader is built: the in-memory loader's batched tensor ops or torchvision's
+per-image PIL pipeline. Fine-tuning's RandAugment + random erasing is timm's pipeline
+(torchvision loader only), with one repair: timm's "increasing" posterize maps the top
+magnitude (10, reached often with mstd 0.5) to 0 bits, which Pillow >= 13 rejects with a
+ValueError mid-epoch; we keep at least 1 bit (almost black, as 0 bits meant).
 """
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
 from PIL import ImageOps
 from timm.data import auto_augment, create_transform
+from torchvision import transforms
+
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """RandomResizedCrop(scale, ratio) back to the image size + horizontal flip, then normalise.
+
+    scale: crop area range as a fraction of the image; None: no crop.
+    """
+    scale: Optional[Tuple[float, float]] = (0.2, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    interpolation: str = "bicubic"
+
+    def torchvision(self, img_size: int, mean, std) -> transforms.Compose:
+        """The per-image PIL pipeline (DataLoader workers)."""
+        steps = []
+        if self.scale is not None:
+            steps.append(transforms.RandomResizedCrop(
+                img_size, scale=self.scale, ratio=self.ratio,
+                interpolation=transforms.InterpolationMode(self.interpolation)))
+        if self.flip:
+            steps.append(transforms.RandomHorizontalFlip())
+        return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+    def in_memory(self) -> Dict[str, Any]:
+        """Keyword arguments of dataio.in_memory.InMemoryLoader (batched on the device)."""
+        return {"crop": self.scale is not None, "scale": self.scale or (1.0, 1.0), "ratio": self.ratio,
+                "flip": self.flip, "interpolation": self.interpolation}
+
+
+PRETRAIN = Augment(scale=(0.2, 1.0))  # MAE's pretraining crop
+PROBE = Augment(scale=(0.08, 1.0))    # MAE's linear probe: RandomResizedCrop's default scale
+NO_AUGMENT = Augment(scale=None, flip=False)
 
 
 def _posterize(img, bits_to_keep, **__):

@@ -14,10 +14,11 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from dataio.augment import INTERPOLATIONS
 from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD
+from util.runtime import DATA, epoch_seed
 
 Boxes = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # top, left, h, w
-INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 def sample_boxes(n: int, H: int, W: int, scale: Sequence[float], ratio: Sequence[float],
@@ -190,8 +191,8 @@ class InMemoryLoader:
         return self.per_rank // b if self.drop_last else -(-self.per_rank // b)
 
     def _generator(self) -> torch.Generator:
-        # Same (seed, epoch) -> seed mapping as dataio.datasets.seeded_generator, on the device.
-        return torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
+        # The data stream of (seed, epoch), as every loader's, on the device.
+        return torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, stream=DATA))
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         gen = self._generator()

@@ -1,20 +1,48 @@
 """Training-set loaders with one interface: `set_epoch(e)`, `len()`, iterate (imgs, labels) on device.
 
-The data order (and, for worker processes, their seeds) depends only on (seed, epoch), so a
-run resumed at an epoch boundary sees exactly the batches an uninterrupted run would.
+The data order (and, for worker processes, their seeds) depends only on (seed, epoch, rank),
+so a run resumed at an epoch boundary sees exactly the batches an uninterrupted run would.
 """
 from typing import Iterator, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dataio.datasets import ArrayDataset, seeded_generator
+from dataio.augment import Augment
+from dataio.in_memory import InMemoryLoader
+from util.distributed import rank, world
+from util.runtime import DATA, epoch_seed
+
+DATA_LOADERS = ("in_memory", "torchvision")
+
+
+def seeded_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The data stream of (seed, epoch, rank) as a CPU generator."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch, rank, stream=DATA))
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of epoch `epoch`: a function of (seed, epoch) only."""
+    """The shuffled order of epoch `epoch`, the same on every rank: a function of (seed, epoch)."""
     return torch.randperm(n, generator=seeded_generator(seed, epoch))
+
+
+class ArrayDataset(Dataset):
+    """uint8 images (N, H, W, C) + labels through a per-image PIL transform (the classic path)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)  # grayscale: mode "L"
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[i])
 
 
 class PermutationSampler(Sampler):
@@ -41,10 +69,11 @@ class TorchvisionLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform, batch_size: int,
                  device: torch.device, seed: int = 0, num_workers: int = 4, shuffle: bool = True,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1):
-        self.device, self.seed = device, seed
+        self.device, self.seed, self.rank = device, seed, rank
         self.sampler = PermutationSampler(len(images), seed, rank, world_size) if shuffle else None
-        # Worker processes draw their augmentation seeds from this generator, reseeded per epoch.
-        self.generator = seeded_generator(seed, 0)
+        # Worker processes draw their augmentation seeds from this generator, reseeded per epoch
+        # and per rank (each rank's images get their own augmentation draws).
+        self.generator = seeded_generator(seed, 0, rank)
         # drop_last keeps every step the same shape (no recompiles, no tiny last batch).
         self.loader = DataLoader(ArrayDataset(images, labels, transform), batch_size=batch_size,
                                  sampler=self.sampler, drop_last=drop_last, num_workers=num_workers,
@@ -53,7 +82,7 @@ class TorchvisionLoader:
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(seeded_generator(self.seed, epoch).initial_seed())
+        self.generator.manual_seed(seeded_generator(self.seed, epoch, self.rank).initial_seed())
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -65,19 +94,17 @@ class TorchvisionLoader:
 
 
 def build_train_loader(cfg, images: np.ndarray, labels: np.ndarray, device: torch.device, mean, std,
-                       scale=(0.2, 1.0), augment: bool = True, transform=None):
-    """The training loader `cfg.data_loader` names: RandomResizedCrop(scale) + flip when `augment`.
+                       augment: Augment):
+    """The training loader `cfg.data_loader` names, applying the `augment` recipe.
 
     in_memory does crop+flip+normalise as batched tensor ops on the device; torchvision runs
-    `transform` per image in worker processes (the classic path).
+    the same recipe per image in worker processes (the classic path).
     """
-    from util.distributed import rank, world
     if cfg.data_loader == "in_memory":
-        from dataio.in_memory import InMemoryLoader
         return InMemoryLoader(images, labels, cfg.batch_size, device, cfg.seed, mean=mean, std=std,
-                              crop=augment, flip=augment, scale=scale, rank=rank(), world_size=world())
-    return TorchvisionLoader(images, labels, transform, cfg.batch_size, device, cfg.seed, cfg.num_workers,
-                             rank=rank(), world_size=world())
+                              rank=rank(), world_size=world(), **augment.in_memory())
+    return TorchvisionLoader(images, labels, augment.torchvision(images.shape[1], mean, std), cfg.batch_size,
+                             device, cfg.seed, cfg.num_workers, rank=rank(), world_size=world())
 
 
 class EvalLoader:

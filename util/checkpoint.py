@@ -13,34 +13,145 @@ import torch
 from util.errors import UserError
 
 
-def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+def atomic_write(path: str, data) -> None:
+    """Write `data` (bytes, or a function of a binary file) to `path` atomically and durably.
+
+    A kill leaves the old file or the new one, never a torn one; a failed write (a full disk)
+    removes its temporary file and is a one-line UserError. Temporary files of killed runs
+    (`*.tmp<pid>`) are swept by util.rundir at the next start.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        with open(tmp, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (ENOSPC) as a RuntimeError from its zip writer
+        if isinstance(e, RuntimeError) and "writ" not in str(e):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise UserError(f"could not write {path} ({reason}); nothing older was lost")
     finally:
-        os.close(dir_fd)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_checkpoint(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
-    """Load on CPU; a missing, truncated or foreign file is a one-line UserError."""
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str, kind: Optional[str] = None,
+                    require: tuple = ("model", "kind")) -> Dict[str, Any]:
+    """Load on CPU; a missing, truncated or foreign file is a one-line UserError.
+
+    kind: the "kind" entry expected ("pretrain", "finetune", ...), or None for any.
+    require: the entries the caller reads; a file without one of them (a weights-only export,
+    a bare state_dict) is refused, naming what is missing and what the file seems to be, rather
+    than failing later with a KeyError.
+    """
+    ckpt = _torch_load(path)
+    if kind is not None and isinstance(ckpt, dict) and "kind" in ckpt and ckpt["kind"] != kind:
+        raise UserError(f"{path}: a {ckpt['kind']} checkpoint, expected a {kind} checkpoint")
+    needed = tuple(require) + (("kind",) if kind is not None and "kind" not in require else ())
+    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+    if not missing:
+        return ckpt
+    names = ", ".join(repr(k) for k in missing)
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of this project (no {names}); it seems to be "
+                        f"{_looks_like(ckpt)}")
+    why = ("; resuming needs the full checkpoint a run writes (checkpoint-last.pth or checkpoint-N.pth)"
+           if "optimizer" in missing else "")
+    raise UserError(f"{path}: this {ckpt['kind']} checkpoint has no {names} (a weights-only export? it holds "
+                    f"{', '.join(sorted(map(str, ckpt)))}){why}")
+
+
+def _torch_load(path: str) -> Any:
+    """torch.load with weights_only=True (nothing in the file can run code), errors as one line.
+
+    torch's own message for a refused file advises weights_only=False, i.e. turning safe loading
+    off; it is never passed on: the user is told what the file is instead.
+    """
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass a checkpoint file (e.g. {os.path.join(path, 'checkpoint-last.pth')})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(16)
+        # judged before torch.load, which would also print warnings about a foreign pickle
+        foreign = _foreign_format(head)
+        if foreign is None:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # permission denied, a read error: the file may be fine
+        raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__})")
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated or foreign file: {msg[:200]})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
-        raise UserError(f"{path}: not a checkpoint of this project (no 'model'/'kind' entries)")
-    if kind is not None and ckpt["kind"] != kind:
-        raise UserError(f"{path}: a {ckpt['kind']} checkpoint, expected a {kind} checkpoint")
-    return ckpt
+        foreign = _unreadable_reason(path, e)
+    raise UserError(f"{path}: not a readable checkpoint ({foreign})")
+
+
+# torch.save's legacy (non-zip) format: a pickle that starts with this magic number
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8"
+
+
+def _foreign_format(head: bytes):
+    """Why a file whose first bytes are `head` is not a torch.save file, or None if it may be."""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK") or head.startswith(_LEGACY_MAGIC):  # zip (today's format), legacy
+        return None
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy file, not a torch.save file"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "a safetensors file, not a torch.save file"
+    if head[0] == 0x80:  # every pickle of protocol 2 or later starts so
+        return "a Python pickle, not a torch.save file"
+    return "not a torch.save file: neither a zip archive nor a pickle"
+
+
+def _unreadable_reason(path: str, error: Exception) -> str:
+    """What a file torch.load refused seems to be, judged by its first bytes."""
+    import re
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK"):  # torch.save's format is a zip archive holding */data.pkl
+        if not zipfile.is_zipfile(path):
+            return "a truncated or damaged zip archive: copy the file again"
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith("/data.pkl") for n in z.namelist()):
+                return "a zip archive, but not one written by torch.save"
+    if isinstance(error, EOFError):
+        return "the file ends early: truncated"
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    held = f" (e.g. {found.group(1)})" if found else ""
+    if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
+        return (f"it holds objects other than tensors and plain values{held}, which are not loaded "
+                f"because unpickling them could run code: not a checkpoint of this project")
+    return f"a damaged torch.save file ({type(error).__name__})"
+
+
+def _looks_like(obj: Any) -> str:
+    """A short description of a loaded object that is not a checkpoint of this project."""
+    def tensors(d):
+        return isinstance(d, dict) and len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+    if tensors(obj):
+        return f"a bare state_dict of {len(obj)} tensor{'s' * (len(obj) > 1)} (weights only?)"
+    if isinstance(obj, dict):
+        keys = sorted(map(repr, obj))
+        inner = next((f"; {k!r} is a state_dict of {len(v)} tensors (weights only?)"
+                      for k, v in obj.items() if tensors(v)), "")
+        return f"a dict with keys {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}{inner}"
+    if isinstance(obj, torch.Tensor):
+        return f"a single tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
 
 
 def rng_state() -> Dict[str, Any]:

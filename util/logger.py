@@ -1,12 +1,16 @@
 """Run outputs: one JSON line per epoch in log.txt, and TensorBoard scalars."""
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+from util.checkpoint import atomic_write
+from util.errors import UserError
 
 
 class RunLogger:
     def __init__(self, output_dir: str, enabled: bool = True):
         self.output_dir, self.enabled = output_dir, enabled
+        self.path = os.path.join(output_dir, "log.txt")
         self._tb = None
 
     @property
@@ -27,11 +31,46 @@ class RunLogger:
         """Append a JSON line to log.txt and mirror numeric values to TensorBoard."""
         if not self.enabled:
             return
-        with open(os.path.join(self.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"could not write {self.path} ({e.strerror or e}); the checkpoint is saved: "
+                            f"rerun the same command once the disk has room")
         self.scalars(record, record["epoch"] if step is None else step, prefix="epoch/")
         self.tb.flush()
+
+    def records(self) -> List[Dict[str, Any]]:
+        """The log's lines; a torn last line (a kill while appending) is dropped."""
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path) as f:
+            return _parse(f.readlines())
+
+    def last_epoch(self) -> int:
+        records = self.records()
+        return records[-1]["epoch"] if records else -1
+
+    def rewind(self, epoch: int) -> None:
+        """Keep only the lines of epochs before `epoch`: the log then matches the checkpoint."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = [json.dumps(r) + "\n" for r in _parse(lines) if r.get("epoch", -1) < epoch]
+        if kept != lines:
+            atomic_write(self.path, "".join(kept).encode())
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _parse(lines: List[str]) -> List[Dict[str, Any]]:
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out

@@ -11,6 +11,8 @@ from tqdm import tqdm
 from util.checkpoint import set_rng_state
 from util.errors import UserError
 
+PRECISIONS = ("bf16", "fp32")  # --precision: bf16 autocast on CUDA, or fp32 throughout
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; an unavailable CUDA request is a user error."""
@@ -43,13 +45,19 @@ def speed_options(model: torch.nn.Module, cfg, device: torch.device):
     return model
 
 
-def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
-    """Seed the global RNGs from (seed, epoch, rank): epochs are reproducible alone.
+GLOBAL, DATA = 0, 1  # random streams: the global RNGs (masks, drop path) and the data's
 
-    torch drives masks and drop path; Python's and NumPy's RNGs drive timm's and torchvision's
-    per-image augmentations when they run in the main process (num_workers=0).
-    """
-    s = (seed * 1_000_003 + epoch) * 997 + rank
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0, stream: int = GLOBAL) -> int:
+    """The one seed formula: every random draw of an epoch derives from (seed, epoch, rank,
+    stream), so an epoch is reproducible alone (exact resume) and streams never coincide."""
+    return ((seed * 1_000_003 + epoch) * 997 + rank) * 2 + stream
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed the global RNGs for an epoch. torch drives masks and drop path; Python's and
+    NumPy's drive timm's and torchvision's per-image augmentations in the main process."""
+    s = epoch_seed(seed, epoch, rank)
     torch.manual_seed(s)
     random.seed(s)
     np.random.seed(s % 2**32)

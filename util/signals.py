@@ -10,7 +10,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        self.signal_name = ""
+        self.signal_name, self.signal_number = "", 0
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -23,7 +23,7 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name, self.signal_number = signal.Signals(signum).name, signum
 
     def restore(self) -> None:
         for sig, old in self._old.items():

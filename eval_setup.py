@@ -1,11 +1,18 @@
-"""Where a fine-tuning or probing run starts: its own checkpoint, a pretraining run, or nothing."""
+"""What fine-tuning and probing do before touching data: device, seeding, where the run starts
+(its own checkpoint, a pretraining run, or nothing), its model name and its output directory."""
 import glob
 import os
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
+from models_vit import DEFAULT_MODEL, encoder_name_for
+from util import distributed as dist
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
+from util.rundir import prepare_output_dir
+from util.runtime import resolve_device
 
 OUTPUT_ROOT = "output"
 
@@ -66,17 +73,11 @@ def setup_eval_run(cfg, kind: str):
 
     Returns (device, start, own_ckpt).
     """
-    import torch
-
-    from util import distributed as dist
-    from util.rundir import prepare_output_dir
-    from util.runtime import resolve_device
-
     device = dist.init_distributed(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)  # model initialisation, identical on every rank
     start, own = prepare_run(cfg, kind)
     cfg.resolve(world_size=dist.world())
-    prepare_output_dir(cfg, write=dist.is_main())
+    prepare_output_dir(cfg, start.resume, own, write=dist.is_main())
     return device, start, own
 
 
@@ -85,8 +86,6 @@ def prepare_run(cfg, kind: str):
 
     Returns (start, own_ckpt): own_ckpt is this run's checkpoint to continue, or None.
     """
-    from models_vit import DEFAULT_MODEL, encoder_name_for
-
     start = resolve_start(cfg, kind)
     if not cfg.output_dir:
         cfg.output_dir = os.path.join(OUTPUT_ROOT, run_name(start, cfg, kind))
