@@ -21,7 +21,8 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     """Class predictions (M,) for test features (M, D) from train features (N, D).
 
     Each of the k most cosine-similar training samples votes for its class with weight
-    exp(similarity / t).
+    exp(similarity / t), computed as exp((similarity - row max) / t): the same ranking, but a
+    small t can no longer overflow to inf (inf votes tie, and argmax then picks the lowest class).
     """
     train = F.normalize(train_feats, dim=1)
     k = min(k, len(train))
@@ -30,7 +31,8 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
         sim = F.normalize(test_feats[i:i + chunk], dim=1) @ train.T
         top_sim, top_idx = sim.topk(k, dim=1)
         votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / t).exp())
+        weights = ((top_sim - top_sim[:, :1]) / t).exp()  # topk is sorted: column 0 is the row max
+        votes.scatter_add_(1, train_labels[top_idx], weights)
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 

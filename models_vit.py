@@ -4,7 +4,7 @@ The pretraining encoder (`models_mae.MAEEncoder`) uses timm's attribute names, s
 state_dict loads here directly: only the decoder and the MAE's heads are dropped.
 """
 from functools import partial
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -91,18 +91,44 @@ def pretrained_encoder_state(ckpt: dict, key: str, path: str) -> Dict[str, torch
         if ckpt.get("target") is None:
             raise UserError(f"{path}: has no target encoder (a pixel run, or saved before the switch "
                             f"epoch); use --checkpoint_key model")
+        if not isinstance(ckpt["target"], dict):
+            raise UserError(f"{path}: its 'target' is a {type(ckpt['target']).__name__}, not encoder weights")
         return dict(ckpt["target"])
     prefix = "encoder."
-    return {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    model = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    state = {k[len(prefix):]: v for k, v in model.items() if str(k).startswith(prefix)}
+    if not state:  # else every encoder weight would be reported missing, as if --model were wrong
+        raise UserError(f"{path}: its 'model' holds no pretrained encoder ('encoder.*' weights); "
+                        f"not a pretraining checkpoint of this project")
+    return state
 
 
-def load_pretrained_encoder(model: VisionTransformer, state: Dict[str, torch.Tensor], path: str) -> str:
+def check_input_channels(state: Dict[str, torch.Tensor], in_chans: int, path: str,
+                         key: str = "patch_embed.proj.weight", pretrained_on: Optional[str] = None) -> None:
+    """Refuse weights pretrained on images with another channel count than this run's data.
+
+    The patch embedding's input channels follow the dataset (Fashion-MNIST 1, the others 3), so
+    a mismatch there means another --dataset, not another --model: say so before the shape check.
+    key: where the patch embedding is in `state` ("encoder.patch_embed.proj.weight" in a
+    pretraining checkpoint's "model"); pretrained_on: the checkpoint's dataset, when known.
+    """
+    weight = state.get(key)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 4 and weight.shape[1] != in_chans:
+        was = f" ({pretrained_on})" if pretrained_on else ""
+        raise UserError(f"{path}: pretrained on {weight.shape[1]}-channel images{was}, but this run's data "
+                        f"has {in_chans} channel{'s' * (in_chans != 1)}; use the same --dataset as the pretraining")
+
+
+def load_pretrained_encoder(model: VisionTransformer, state: Dict[str, torch.Tensor], path: str,
+                            pretrained_on: Optional[str] = None) -> str:
     """Load encoder weights into a classifier; refuse anything but the expected gaps.
 
     Expected: the classifier head is new; with global pooling fc_norm is new and the
     pretrained final norm is unused. Returns a one-line report of what was not loaded.
+    pretrained_on: the checkpoint's --dataset, named when the channel counts differ.
     """
     own = model.state_dict()
+    check_input_channels(state, own["patch_embed.proj.weight"].shape[1], path, pretrained_on=pretrained_on)
     bad_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad_shape:
         k = bad_shape[0]

@@ -1,18 +1,24 @@
 """Datasets as uint8 arrays in memory, plus the classic per-image torchvision pipeline.
 
 Every reader returns images (N, H, W, C) uint8 and labels (N,) int64; load_dataset picks one
-by --dataset name and adds the number of classes.
+by --dataset name and adds the number of classes. Readers check what they read (structure,
+label dtype and range against the class count) and name the file in a one-line UserError, so
+bad data stops a run before any work instead of crashing fine-tuning or kNN later.
 
 CIFAR-10/100 are read straight from their official pickles with a small reader that checks
 structure (keys, shapes, dtypes), not md5: torchvision's CIFAR classes refuse any copy whose
 checksums differ from the official release, so they are used only to download.
 """
 import gzip
+import math
 import os
 import pickle
+import shutil
+import stat
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +33,7 @@ from util.errors import UserError
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
 FASHION_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                  False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_CLASSES = 10
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -40,6 +47,7 @@ STATS: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
     "image_folder": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
 }
 IMAGE_SIZE = 32  # the models take 32x32 input; image folders are resized and cropped to it
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "image_folder")  # --dataset: what load_dataset reads
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,59 @@ CIFAR = {
 }
 
 
+# ---- checks shared by every reader ------------------------------------------------------------
+
+def path_kind(path: str) -> Optional[str]:
+    """"file", "dir" or None (nothing there); a path that cannot be looked at is a UserError.
+
+    os.path.isfile/isdir answer False for "permission denied" or a file used as a folder, which
+    made an unreadable data folder look absent (and sent it to the downloader): say the real cause.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        parts = os.path.abspath(path).split(os.sep)
+        blocker = next((p for p in (os.sep.join(parts[:i]) for i in range(2, len(parts)))
+                        if os.path.isfile(p)), None)
+        raise UserError(f"{path}: {blocker or 'a part of it'} is a file, not a folder")
+    except OSError as e:
+        raise UserError(f"cannot access {path} ({e.strerror or type(e).__name__})")
+    return "dir" if stat.S_ISDIR(mode) else "file"
+
+
+def _kind_of_values(arr: np.ndarray) -> str:
+    return {"S": "byte strings", "U": "strings", "f": "floats", "b": "booleans", "c": "complex numbers",
+            "O": "Python objects"}.get(arr.dtype.kind, str(arr.dtype))
+
+
+def check_labels(labels, num_classes: int, source: str) -> np.ndarray:
+    """`labels` as (N,) int64 in 0..num_classes-1, or a UserError naming `source` and the bad value.
+
+    Float labels would be truncated silently, byte strings crash inside numpy, and a label past
+    the class count pretrains fine, then breaks fine-tuning and kNN (index out of bounds): all
+    are refused here, when the file is read, before any work.
+    """
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError) as e:  # a ragged or otherwise odd list
+        raise UserError(f"{source}: labels are not a flat list of integers ({str(e).splitlines()[0]})")
+    if labels.ndim != 1:
+        raise UserError(f"{source}: labels have shape {labels.shape}, expected one integer per image")
+    if len(labels) and labels.dtype.kind not in "iu":  # np.asarray([]) is float64: nothing to refuse
+        raise UserError(f"{source}: labels are {_kind_of_values(labels)} (e.g. {labels[0]!r}), "
+                        f"expected integers 0..{num_classes - 1}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes)) if len(labels) else []
+    if len(bad):
+        more = f"; {len(bad)} of {len(labels)} labels are" if len(bad) > 1 else ""
+        raise UserError(f"{source}: label {labels[bad[0]]} (image {bad[0]}) is outside 0..{num_classes - 1}, "
+                        f"the dataset has {num_classes} classes{more}")
+    return labels.astype(np.int64)
+
+
+# ---- CIFAR-10/100 pickles ---------------------------------------------------------------------
+
 def _cifar_dir(spec: CifarLayout, root: str) -> str:
     """Accept either the parent folder or the extracted folder (e.g. cifar-10-batches-py) itself."""
     if os.path.basename(os.path.normpath(root)) == spec.folder:
@@ -71,24 +132,50 @@ def _cifar_dir(spec: CifarLayout, root: str) -> str:
     return os.path.join(root, spec.folder)
 
 
-def _read_batch(spec: CifarLayout, path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """One pickle: images (N, 32, 32, 3) uint8 and labels (N,) int64, or a UserError naming it."""
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles what the official batches hold (numpy arrays, lists, bytes, numbers) and nothing
+    else: any other global in a pickle could run code while loading, so a foreign file is refused."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
+        (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | {
+        (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"holds a {module}.{name} object")
+        return super().find_class(module, name)
+
+
+def _load_pickle(spec: CifarLayout, path: str):
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-    except Exception as e:  # truncated file, not a pickle, ...
-        raise UserError(f"{path}: not a readable {spec.title} batch ({type(e).__name__})")
+            return _ArraysOnly(f, encoding="bytes").load()
+    except OSError as e:  # permission denied, a read error
+        raise UserError(f"{path}: cannot read it ({e.strerror or type(e).__name__})")
+    except EOFError:
+        raise UserError(f"{path}: not a readable {spec.title} batch (empty or truncated file)")
+    except Exception as e:  # not a pickle, a foreign pickle, ...
+        why = f"{type(e).__name__}: {e}" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        raise UserError(f"{path}: not a readable {spec.title} batch ({why})")
+
+
+def _read_batch(spec: CifarLayout, path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """One pickle: images (N, 32, 32, 3) uint8 and labels (N,) int64, or a UserError naming it."""
+    d = _load_pickle(spec, path)
     key = spec.label_key
     if not isinstance(d, dict) or b"data" not in d or key not in d:
         raise UserError(f"{path}: not a {spec.title} batch (expected keys b'data' and {key!r})")
-    data, labels = np.asarray(d[b"data"]), np.asarray(d[key])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise UserError(f"{path}: not a {spec.title} batch (data {data.dtype} {data.shape}, "
-                        f"{len(labels)} labels; expected uint8 (N, 3072) and N labels)")
-    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise UserError(f"{path}: labels outside 0..{spec.num_classes - 1}")
+    try:
+        data = np.asarray(d[b"data"])
+    except (ValueError, TypeError):  # a ragged list
+        data = np.asarray(None)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise UserError(f"{path}: not a {spec.title} batch (data {data.dtype} {data.shape}; "
+                        f"expected uint8 (N, 3072): N images of 32x32x3)")
+    labels = check_labels(d[key], spec.num_classes, f"{path} ({key.decode()})")
+    if len(labels) != len(data):
+        raise UserError(f"{path}: {len(data)} images but {len(labels)} labels")
     # rows are CHW planes: R (1024), G, B
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int64)
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def read_cifar(name: str, root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
@@ -115,41 +202,94 @@ def ensure_cifar(name: str, root: str, download: bool = True) -> None:
     spec = CIFAR[name]
     folder = _cifar_dir(spec, root)
     names = spec.train + spec.test
-    if all(os.path.isfile(os.path.join(folder, n)) for n in names):
+    if all(path_kind(os.path.join(folder, n)) == "file" for n in names):
         return
-    if os.path.isfile(root):
+    if path_kind(root) == "file":
         raise UserError(f"data_path {root} is a file; pass the folder that holds {spec.folder}/")
-    if os.path.isdir(folder):  # a partial or foreign copy: do not download over it
-        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if path_kind(folder) == "dir":  # a partial or foreign copy: do not download over it
+        missing = [n for n in names if path_kind(os.path.join(folder, n)) != "file"]
         raise UserError(f"{folder} is incomplete (missing {', '.join(missing)}); "
                         f"remove it to re-download or fix the copy")
+    for other_name, other in CIFAR.items():  # e.g. --data_path .../cifar-100-python, --dataset cifar10
+        if other is not spec and _cifar_dir(other, root) == root:
+            raise UserError(f"{root} is the {other.title} folder, not {spec.title}: pass --dataset {other_name}")
     hint = (f"{spec.title} not found at {root} and could not be downloaded; put the extracted "
             f"{spec.archive} ({spec.folder}/) there or pass --data_path")
     if not download:
         raise UserError(hint)
+    _download_cifar(spec, root, hint)
+
+
+def _download_cifar(spec: CifarLayout, root: str, hint: str) -> None:
+    """Download the archive into `root`; a failed attempt removes what it created, so a mistyped
+    --data_path leaves no empty folders (nor a partial archive) behind."""
+    created = None  # the topmost folder the attempt creates, when root does not exist yet
+    if path_kind(root) is None:
+        created = os.path.abspath(root)
+        while path_kind(os.path.dirname(created)) is None:
+            created = os.path.dirname(created)
+    # only the names the download writes, and only if new: never anything that was there before
+    ours = [created] if created else [os.path.join(root, n) for n in (spec.archive, spec.folder)
+                                      if path_kind(os.path.join(root, n)) is None]
     try:
         import torchvision.datasets
         getattr(torchvision.datasets, spec.torchvision_class)(root, train=True, download=True)
-    except Exception as e:
-        raise UserError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    except BaseException as e:
+        for path in ours:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+        if not isinstance(e, Exception):  # Ctrl-C: cleaned up, still an interrupt
+            raise
+        typo = f"; {root} did not exist (a typo?)" if created else ""
+        raise UserError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){typo}")
 
 
-def _read_idx(root: str, name: str, ndim: int) -> np.ndarray:
-    """One file of the MNIST idx format (plain or .gz): magic 0x0000 08 NDIM, big-endian dims."""
-    for path in (os.path.join(root, name), os.path.join(root, name + ".gz")):
-        if os.path.isfile(path):
-            break
-    else:
+# ---- Fashion-MNIST idx files ------------------------------------------------------------------
+
+# type byte of the idx format -> what it holds; Fashion-MNIST's files are all uint8
+_IDX_TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+
+
+def _idx_bytes(root: str, name: str) -> Tuple[str, bytes]:
+    """The path of `name` or `name.gz` in root and its (decompressed) bytes, or a UserError."""
+    path = next((p for p in (os.path.join(root, name), os.path.join(root, name + ".gz"))
+                 if path_kind(p) == "file"), None)
+    if path is None:
         raise UserError(f"Fashion-MNIST file {name}[.gz] not found in {root} (Debian: apt-get install "
                         f"dataset-fashion-mnist, then --data_path /usr/share/datasets/fashion-mnist)")
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 + 4 * ndim or data[:3] != b"\0\0\x08" or data[3] != ndim:
-        raise UserError(f"{path}: not an idx file of uint8 with {ndim} dimensions")
-    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(np.int64)
-    if len(data) != 4 + 4 * ndim + int(np.prod(dims)):
-        raise UserError(f"{path}: truncated idx file")
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            return path, f.read()
+    except EOFError:  # the gzip stream stops before its end marker
+        raise UserError(f"{path}: truncated gzip file (it ends early); copy it again")
+    except (gzip.BadGzipFile, zlib.error) as e:  # bad magic, CRC or length, corrupt deflate data
+        raise UserError(f"{path}: corrupt gzip file ({str(e).splitlines()[0]}); copy it again")
+    except OSError as e:  # permission denied, a read error
+        raise UserError(f"{path}: cannot read it ({e.strerror or type(e).__name__})")
+
+
+def _read_idx(root: str, name: str, ndim: int) -> Tuple[str, np.ndarray]:
+    """One file of the MNIST idx format (plain or .gz): magic 0x0000 TYPE NDIM, big-endian dims.
+
+    Returns the path (for messages) and the uint8 array.
+    """
+    path, data = _idx_bytes(root, name)
+    if len(data) < 4 or data[:2] != b"\0\0" or data[3] != ndim or data[2] not in _IDX_TYPES:
+        raise UserError(f"{path}: not an idx file of uint8 with {ndim} dimensions"
+                        + (" (empty file)" if not data else ""))
+    if data[2] != 0x08:  # float labels would be truncated, wider ints need not fit: refuse both
+        raise UserError(f"{path}: an idx file of {_IDX_TYPES[data[2]]} values, expected uint8")
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    size = header + math.prod(dims)  # Python ints: the dims of a bad header cannot overflow
+    if len(data) < size:
+        raise UserError(f"{path}: truncated idx file ({len(data)} bytes, its header says {size})")
+    if len(data) > size:
+        raise UserError(f"{path}: {len(data) - size} bytes after the data its header announces "
+                        f"({'x'.join(map(str, dims))}); not a single idx file")
+    return path, np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
 def read_fashion_mnist(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
@@ -158,10 +298,13 @@ def read_fashion_mnist(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
     The 28x28 images are zero-padded (2 pixels a side, the background is black) to 32x32 so
     the 4x4-patch models see an 8x8 grid; grayscale stays one channel (models get in_chans=1).
     """
-    images = _read_idx(root, FASHION_FILES[train][0], 3)
-    labels = _read_idx(root, FASHION_FILES[train][1], 1).astype(np.int64)
+    image_path, images = _read_idx(root, FASHION_FILES[train][0], 3)
+    label_path, labels = _read_idx(root, FASHION_FILES[train][1], 1)
+    if images.shape[1:] != (28, 28):  # padding anything else would not give 32x32
+        raise UserError(f"{image_path}: images of {images.shape[1]}x{images.shape[2]}, Fashion-MNIST's are 28x28")
+    labels = check_labels(labels, FASHION_CLASSES, label_path)
     if len(images) != len(labels):
-        raise UserError(f"{root}: {len(images)} Fashion-MNIST images but {len(labels)} labels")
+        raise UserError(f"{len(images)} images in {image_path} but {len(labels)} labels in {label_path}")
     return np.ascontiguousarray(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]), labels
 
 
@@ -180,6 +323,8 @@ def _class_folders(split: str) -> List[str]:
         return find_classes(split)[0]  # sorted folder names, as torchvision's ImageFolder orders them
     except FileNotFoundError:
         raise UserError(f"{split}: no class folders, hence no images ({_LAYOUT})")
+    except OSError as e:  # permission denied: not the same as "no class folders"
+        raise UserError(f"cannot read {split} ({e.strerror or type(e).__name__})")
 
 
 def _few(names) -> str:
@@ -193,12 +338,12 @@ def image_folder_layout(root: str) -> Tuple[List[str], str, str]:
     Both splits are checked on every load, so a bad val split fails before pretraining rather
     than at the first kNN evaluation.
     """
-    if not os.path.isdir(root):
+    if path_kind(root) != "dir":
         raise UserError(f"data_path {root} is not a folder ({_LAYOUT})")
     train = os.path.join(root, "train")
-    if not os.path.isdir(train):
+    if path_kind(train) != "dir":
         raise UserError(f"{root} has no train/ folder ({_LAYOUT})")
-    val = next((p for p in (os.path.join(root, "val"), os.path.join(root, "test")) if os.path.isdir(p)), None)
+    val = next((p for p in (os.path.join(root, "val"), os.path.join(root, "test")) if path_kind(p) == "dir"), None)
     if val is None:
         raise UserError(f"{root} has neither a val/ nor a test/ folder ({_LAYOUT})")
     classes, val_classes = _class_folders(train), _class_folders(val)
@@ -226,6 +371,11 @@ def read_image_folder(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
     """
     classes, train_dir, val_dir = image_folder_layout(root)
     split = train_dir if train else val_dir
+    for c in classes:  # make_dataset's os.walk skips a folder it cannot read: the class would look empty
+        try:
+            os.listdir(os.path.join(split, c))
+        except OSError as e:
+            raise UserError(f"cannot read {os.path.join(split, c)} ({e.strerror or type(e).__name__})")
     # allow_empty: a class with no images in one split is legal; a split with none at all is not
     samples = make_dataset(split, {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
                            allow_empty=True)
@@ -234,7 +384,7 @@ def read_image_folder(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
     # PIL releases the GIL while decoding and resizing, so threads give a real speed-up
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         images = list(pool.map(_load_image, [path for path, _ in samples]))
-    return np.stack(images), np.array([label for _, label in samples], dtype=np.int64)
+    return np.stack(images), check_labels([label for _, label in samples], len(classes), split)
 
 
 # ---- by name ----------------------------------------------------------------------------------
@@ -246,7 +396,7 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True
         ensure_cifar(name, root, download)
         (images, labels), num_classes = read_cifar(name, root, train), CIFAR[name].num_classes
     elif name == "fashion_mnist":
-        (images, labels), num_classes = read_fashion_mnist(root, train), 10
+        (images, labels), num_classes = read_fashion_mnist(root, train), FASHION_CLASSES
     elif name == "image_folder":
         # the class count comes from the folders, not the labels seen: a class may lack images
         (images, labels), num_classes = read_image_folder(root, train), len(image_folder_layout(root)[0])

@@ -5,6 +5,9 @@ previous checkpoint or the new one, never a torn file.
 """
 import os
 import random
+import re
+import warnings
+import zipfile
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -80,32 +83,35 @@ def _torch_load(path: str) -> Any:
     off; it is never passed on: the user is told what the file is instead.
     """
     if os.path.isdir(path):
-        raise UserError(f"{path} is a folder; pass a checkpoint file (e.g. {os.path.join(path, 'checkpoint-last.pth')})")
+        example = os.path.join(path, "checkpoint-last.pth")
+        raise UserError(f"{path} is a folder; pass a checkpoint file (e.g. {example})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(32)
         # judged before torch.load, which would also print warnings about a foreign pickle
         foreign = _foreign_format(head)
         if foreign is None:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns of an odd pickle protocol: the error says it all
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:  # permission denied, a read error: the file may be fine
         raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__})")
     except Exception as e:
-        foreign = _unreadable_reason(path, e)
+        foreign = _unreadable_reason(path, head, e)
     raise UserError(f"{path}: not a readable checkpoint ({foreign})")
 
 
-# torch.save's legacy (non-zip) format: a pickle that starts with this magic number
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8"
+# torch.save's legacy (non-zip) format: a pickle whose first object is this magic number
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
-def _foreign_format(head: bytes):
-    """Why a file whose first bytes are `head` is not a torch.save file, or None if it may be."""
+def _foreign_format(head: bytes) -> Optional[str]:
+    """Why a file starting with `head` (its first 32 bytes) is not a torch.save file, or None."""
     if not head:
         return "an empty file"
-    if head.startswith(b"PK") or head.startswith(_LEGACY_MAGIC):  # zip (today's format), legacy
+    if head.startswith(b"PK") or (head[0] == 0x80 and _LEGACY_MAGIC in head):  # zip (today's), legacy
         return None
     if head.startswith(b"\x93NUMPY"):
         return "a NumPy .npy file, not a torch.save file"
@@ -116,12 +122,8 @@ def _foreign_format(head: bytes):
     return "not a torch.save file: neither a zip archive nor a pickle"
 
 
-def _unreadable_reason(path: str, error: Exception) -> str:
-    """What a file torch.load refused seems to be, judged by its first bytes."""
-    import re
-    import zipfile
-    with open(path, "rb") as f:
-        head = f.read(16)
+def _unreadable_reason(path: str, head: bytes, error: Exception) -> str:
+    """What a file that looked like a torch.save file but failed to load seems to be."""
     if head.startswith(b"PK"):  # torch.save's format is a zip archive holding */data.pkl
         if not zipfile.is_zipfile(path):
             return "a truncated or damaged zip archive: copy the file again"
@@ -131,11 +133,10 @@ def _unreadable_reason(path: str, error: Exception) -> str:
     if isinstance(error, EOFError):
         return "the file ends early: truncated"
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    held = f" (e.g. {found.group(1)})" if found else ""
-    if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
-        return (f"it holds objects other than tensors and plain values{held}, which are not loaded "
-                f"because unpickling them could run code: not a checkpoint of this project")
-    return f"a damaged torch.save file ({type(error).__name__})"
+    if found:  # safe loading refused a class: torch's advice to turn it off is not passed on
+        return (f"it holds objects other than tensors and plain values (e.g. {found.group(1)}), which "
+                f"are not loaded because unpickling them could run code: not a checkpoint of this project")
+    return f"a damaged torch.save file, or one in a format safe loading cannot read ({type(error).__name__})"
 
 
 def _looks_like(obj: Any) -> str:
