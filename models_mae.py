@@ -248,3 +248,9 @@ def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     return MODELS[name](**overrides)
+
+
+def num_patches(model_name: str, img_size: int = 32) -> int:
+    """Patches per image (L) of a registry model; built on the meta device (no weights allocated)."""
+    with torch.device("meta"):
+        return create_model(model_name, img_size=img_size).encoder.num_patches

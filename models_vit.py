@@ -33,6 +33,8 @@ MODELS: Dict[str, Callable[..., VisionTransformer]] = {
     "vit_smoke_patch4": _vit(patch_size=4, embed_dim=64, depth=4, num_heads=4),
 }
 DEFAULT_MODEL = "vit_tiny_patch4"
+POOLS = ("cls", "avg")  # features: the cls token, or the mean of patch tokens (pool_tokens)
+CHECKPOINT_KEYS = ("model", "target")  # encoder taken from a pretraining checkpoint: online or target
 
 
 def create_model(name: str, **kwargs) -> VisionTransformer:
