@@ -101,9 +101,12 @@ class RunConfig:
     resume: str = opt("", "checkpoint to resume from (default: OUTPUT_DIR/checkpoint-last.pth if present)")
     save_freq: int = opt(20, "also keep checkpoint-EPOCH.pth every this many epochs and at the end", ge=1)
     print_freq: int = opt(20, "steps between progress-bar/TensorBoard updates (each costs one host sync)", ge=1)
-    precision: str = opt("bf16", "bf16 autocast on CUDA (fp32 weights, no GradScaler); fp32 everywhere "
-                                 "else (CPU ignores bf16 with a message)", "util.runtime.PRECISIONS")
-    compile: bool = opt(False, "torch.compile the model (CUDA only; ignored on CPU with a message)")
+    precision: str = opt("auto", "auto: bf16 autocast where the device runs bf16 natively (CUDA with bf16, a CPU "
+                                 "with AVX512-BF16/AMX), else fp32; bf16 or fp32 to force one. Weights and "
+                                 "optimizer state stay fp32, no GradScaler; config.yaml records the choice",
+                         choices="util.runtime.PRECISIONS")
+    compile: bool = opt(False, "torch.compile the model and the target encoder (CUDA and CPU; CPU needs a "
+                               "C++ compiler)")
     skip_nonfinite: int = opt(0, "skip up to N steps with a NaN/inf loss over the run (0: stop at the "
                                  "first; >0 costs one host sync per step)", ge=0)
 

@@ -12,7 +12,7 @@ from util import distributed as dist
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
 from util.rundir import prepare_output_dir
-from util.runtime import resolve_device
+from util.runtime import resolve_device, resolve_precision
 
 OUTPUT_ROOT = "output"
 
@@ -77,6 +77,7 @@ def setup_eval_run(cfg, kind: str):
     torch.manual_seed(cfg.seed)  # model initialisation, identical on every rank
     start, own = prepare_run(cfg, kind)
     cfg.resolve(world_size=dist.world())
+    cfg.precision = resolve_precision(cfg.precision, device, own["config"].get("precision") if own else None)
     prepare_output_dir(cfg, start.resume, own, write=dist.is_main())
     return device, start, own
 

@@ -26,7 +26,7 @@ from util import distributed as dist
 from util.checkpoint import load_checkpoint
 from util.errors import UserError, cli
 from util.rundir import prepare_output_dir
-from util.runtime import resolve_device, speed_options
+from util.runtime import resolve_device, resolve_precision, speed_options
 from util.trainer import Run
 
 
@@ -87,6 +87,7 @@ def main(argv=None) -> None:
     cfg.resolve(world_size=dist.world())
     resume = find_resume(cfg)
     ckpt = load_checkpoint(resume, kind="pretrain") if resume else None
+    cfg.precision = resolve_precision(cfg.precision, device, ckpt["config"].get("precision") if ckpt else None)
     prepare_output_dir(cfg, resume, ckpt, write=dist.is_main())
 
     train_set = load_train(cfg)

@@ -1,6 +1,7 @@
 """Device selection, seeding, and the epoch iterator shared by the training loops."""
 import contextlib
 import random
+import shutil
 import sys
 from typing import Iterator, Optional, Tuple
 
@@ -11,7 +12,8 @@ from tqdm import tqdm
 from util.checkpoint import set_rng_state
 from util.errors import UserError
 
-PRECISIONS = ("bf16", "fp32")  # --precision: bf16 autocast on CUDA, or fp32 throughout
+# --precision: auto = bf16 autocast where the device runs it fast, fp32 elsewhere.
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,26 +25,54 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Does this device run bf16 matmuls natively? CUDA: Ampere or newer; CPU: oneDNN reports
+    bf16 support (AVX512-BF16 / AMX); without it bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device, resumed: Optional[str] = None) -> str:
+    """auto -> bf16 or fp32 for this device; a resumed run keeps the precision it ran with
+    (exact resume), whatever this machine would choose. Prints the resolved choice."""
+    chosen = precision
+    if precision == "auto":
+        chosen = resumed if resumed in ("bf16", "fp32") else ("bf16" if fast_bf16(device) else "fp32")
+    elif precision == "bf16" and not fast_bf16(device):
+        print(f"note: --precision bf16 on a {device.type} without native bf16 runs emulated (slower than fp32)")
+    print(f"precision: {chosen}" + (" (auto)" if precision == "auto" else ""))
+    return chosen
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA: activations in bf16, weights and optimizer in fp32, no scaler needed."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast (CUDA and CPU): activations in bf16, weights and optimizer state in fp32,
+    no GradScaler needed (bf16 has fp32's range)."""
+    if precision == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def speed_options(model: torch.nn.Module, cfg, device: torch.device):
-    """Returns the callable to run forward passes with: `model`, or its torch.compile'd twin.
+def compile_module(fn, device: torch.device):
+    """torch.compile (inductor) on CUDA and CPU. On CPU inductor generates C++ and needs a
+    compiler: without one, say so now rather than fail at the first step."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) for torch.compile's "
+                        "inductor backend; install one (apt-get install g++) or drop --compile")
+    return torch.compile(fn)
 
-    Prints what is ignored on this device instead of failing, so one config serves CPU and GPU.
-    """
-    if device.type != "cuda":
-        ignored = [f for f, on in (("--precision bf16", cfg.precision == "bf16"), ("--compile", cfg.compile)) if on]
-        if ignored:
-            print(f"note: {' and '.join(ignored)} ignored on {device.type}: running fp32 eager")
-        return model
-    if cfg.compile:
-        return torch.compile(model)
-    return model
+
+def speed_options(model: torch.nn.Module, cfg, device: torch.device):
+    """Returns the callable to run forward passes with: `model`, or its torch.compile'd twin."""
+    return compile_module(model, device) if cfg.compile else model
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (each new one is a (re)compile)."""
+    from torch._dynamo.utils import counters  # private but stable across 2.x: dynamo's own tally
+    return int(counters["stats"]["unique_graphs"])
 
 
 GLOBAL, DATA = 0, 1  # random streams: the global RNGs (masks, drop path) and the data's
