@@ -7,8 +7,8 @@ import signal
 import pytest
 import torch
 
-import main_pretrain
 import target_encoder
+import util.trainer
 from conftest import run_main, smoke_args
 from util.signals import StopRequest
 
@@ -23,6 +23,10 @@ def stop_during_step(n: int):
     an epoch, 5 + 1 + 2 = the 5 steps of epoch 0, its end-of-epoch check, then step 2 of epoch 1."""
     class StopAt(StopRequest):
         calls = 0
+
+        def __init__(self):
+            super().__init__()
+            self.signal_name, self.signal_number = "SIGTERM", signal.SIGTERM
 
         @property
         def requested(self):
@@ -48,13 +52,15 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tmp_path, m
     args = ("--target", "ema", "--wse", "1", "--ema_every", "step", "--tau", "0.8", "--epochs", "3")
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path / "straight", *args))
 
-    monkeypatch.setattr(main_pretrain, "StopRequest", stop_during_step(5 + 1 + 2))
+    monkeypatch.setattr(util.trainer, "StopRequest", stop_during_step(5 + 1 + 2))
     out = tmp_path / "stopped"
-    run_main("main_pretrain", *smoke_args(cifar_root, out, *args))
+    with pytest.raises(SystemExit) as e:  # a stopped run exits 128 + signal number, as shells do
+        run_main("main_pretrain", *smoke_args(cifar_root, out, *args))
+    assert e.value.code == 128 + signal.SIGTERM
     assert "stopped at epoch 1, step 2" in capsys.readouterr().out
     ckpt, _ = weights(out / "checkpoint-last.pth")
     assert ckpt["epoch"] == 1 and ckpt["epoch_step"] == 2
-    monkeypatch.setattr(main_pretrain, "StopRequest", StopRequest)
+    monkeypatch.setattr(util.trainer, "StopRequest", StopRequest)
     run_main("main_pretrain", *smoke_args(cifar_root, out, *args))  # the same command again
     _, a = weights(tmp_path / "straight" / "checkpoint-last.pth")
     _, b = weights(out / "checkpoint-last.pth")
@@ -81,8 +87,8 @@ def test_kill_during_save_keeps_previous_checkpoint(cifar_root, tmp_path, monkey
 
 
 def nan_loss_on_calls(monkeypatch, bad_calls):
-    """Make TargetEncoder.loss return NaN on the chosen calls (5 steps per smoke epoch)."""
-    real_loss = target_encoder.TargetEncoder.loss
+    """Make Target.loss return NaN on the chosen calls (5 steps per smoke epoch)."""
+    real_loss = target_encoder.Target.loss
     calls = {"n": 0}
 
     def poisoned(self, *args):
@@ -90,7 +96,7 @@ def nan_loss_on_calls(monkeypatch, bad_calls):
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] - 1 in bad_calls else loss), stats
 
-    monkeypatch.setattr(target_encoder.TargetEncoder, "loss", poisoned)
+    monkeypatch.setattr(target_encoder.Target, "loss", poisoned)
 
 
 def expect_nan_stop(cifar_root, tmp_path, *extra, says=()):
@@ -179,16 +185,17 @@ def test_checkpoint_of_another_script_is_refused(cifar_root, tmp_path, capsys):
 
 
 def test_finetune_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch, capsys):
-    import engine_finetune
     args = ("--from_scratch", "--epochs", "2", "--warmup_epochs", "1", "--aa", "", "--reprob", "0")
     run_main("main_finetune", *smoke_args(cifar_root, tmp_path / "straight", *args))
 
-    monkeypatch.setattr(engine_finetune, "StopRequest", stop_during_step(5 + 1 + 2))
+    monkeypatch.setattr(util.trainer, "StopRequest", stop_during_step(5 + 1 + 2))
     out = tmp_path / "stopped"
-    run_main("main_finetune", *smoke_args(cifar_root, out, *args))
-    assert "stopped in epoch 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        run_main("main_finetune", *smoke_args(cifar_root, out, *args))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert "stopped at epoch 1, step 2" in capsys.readouterr().out
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch_step"] == 2
-    monkeypatch.setattr(engine_finetune, "StopRequest", StopRequest)
+    monkeypatch.setattr(util.trainer, "StopRequest", StopRequest)
     run_main("main_finetune", *smoke_args(cifar_root, out, *args))
     a = torch.load(tmp_path / "straight" / "checkpoint-last.pth", weights_only=True)["model"]
     b = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
