@@ -10,7 +10,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from util import distributed as dist
-from util.runtime import autocast
+from util.runtime import autocast, compile_module, compiled_graphs
 from util.trainer import Step
 
 
@@ -42,7 +42,17 @@ class Pretraining:
         self.model.train()
         self.refreshed = False if resumed else self.target.on_epoch_start(epoch, self.model.encoder)
         self.heads = self.target.heads(epoch)
+        if self.cfg.compile:
+            self._compile_teachers()
         return {}
+
+    def _compile_teachers(self) -> None:
+        """--compile: the target encoders' forward passes too (the other hot path of a step).
+        Hard copies and EMA updates write into the same tensors, so one compile serves them all."""
+        for enc in self.target.teachers():
+            if enc is not None and not getattr(enc, "compiled", False):
+                enc.forward_blocks = compile_module(enc.forward_blocks, self.device)
+                enc.compiled = True
 
     def train_step(self, batch, step: Step) -> Optional[Dict[str, torch.Tensor]]:
         """imgs (N, C, H, W) on the device -> the step's statistics, or None if skipped."""
@@ -67,6 +77,8 @@ class Pretraining:
             raise SystemExit(f"error: target encoders differ across ranks after epoch {epoch}")
         record = {**self.target.describe(epoch), "target_refreshed": self.refreshed}
         cfg = self.cfg
+        if cfg.compile:  # new heads at the switch epoch mean new graphs: counted, so they show
+            record["compiled_graphs"] = compiled_graphs()
         if self.knn_monitor is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
             record["knn_acc"] = self.knn_monitor()
             self.model.train()

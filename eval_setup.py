@@ -15,6 +15,7 @@ from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, resolve_precision
 
 OUTPUT_ROOT = "output"
+RESUME_KEYS = ("model", "optimizer", "config", "epoch", "step", "best_acc1", "last")  # what continuing reads
 
 
 def find_newest_pretrain(root: str = OUTPUT_ROOT) -> Optional[str]:
@@ -40,7 +41,7 @@ class Start:
 def resolve_start(cfg, kind: str) -> Start:
     """Decide from the flags where to start; prints what it chose. `kind`: finetune | linprobe."""
     if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
+        ckpt = load_checkpoint(cfg.resume, require=("model", "kind", "config"))
         if ckpt["kind"] == "pretrain":
             print(f"{cfg.resume} is a pretraining checkpoint: initialising from it (as --finetune)")
             return Start(init=cfg.resume, init_ckpt=ckpt)
@@ -56,7 +57,7 @@ def resolve_start(cfg, kind: str) -> Start:
             raise UserError(f"no pretraining checkpoint found under {OUTPUT_ROOT}/; pass --finetune CKPT "
                             f"(or --resume CKPT), or --from_scratch")
         print(f"using the newest pretraining checkpoint: {path}")
-    return Start(init=path, init_ckpt=load_checkpoint(path, kind="pretrain"))
+    return Start(init=path, init_ckpt=load_checkpoint(path, kind="pretrain", require=("model", "config")))
 
 
 def run_name(start: Start, cfg, kind: str) -> str:
@@ -93,7 +94,7 @@ def prepare_run(cfg, kind: str):
     last = os.path.join(cfg.output_dir, "checkpoint-last.pth")
     if start.resume is None and os.path.isfile(last):
         start.resume = last
-    own = load_checkpoint(start.resume, kind=kind) if start.resume else None
+    own = load_checkpoint(start.resume, kind=kind, require=RESUME_KEYS) if start.resume else None
     if own is not None:
         cfg.model = own["config"]["model"]
         start.init = own.get("init")

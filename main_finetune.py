@@ -60,7 +60,8 @@ def main(argv=None) -> None:
                                     drop_path_rate=cfg.drop_path, img_size=img_size, in_chans=in_chans)
     if own is None and start.init is not None:
         state = models_vit.pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
-        report = models_vit.load_pretrained_encoder(model, state, start.init)
+        report = models_vit.load_pretrained_encoder(model, state, start.init,
+                                                    pretrained_on=start.init_ckpt["config"].get("dataset"))
         print(f"initialised {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
     model.to(device)
 

@@ -35,7 +35,8 @@ def build_probe(cfg, start, own, num_classes: int, img_size: int, in_chans: int,
     encoder = models_vit.create_model(cfg.model, num_classes=0, img_size=img_size, in_chans=in_chans)
     if own is None and start.init is not None:
         state = models_vit.pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
-        report = models_vit.load_pretrained_encoder(encoder, state, start.init)
+        report = models_vit.load_pretrained_encoder(encoder, state, start.init,
+                                                    pretrained_on=start.init_ckpt["config"].get("dataset"))
         print(f"probing {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
     probe = models_vit.LinearProbe(encoder, num_classes, cfg.pool)
     if own is not None:

@@ -20,7 +20,7 @@ from dataio.loader import EvalLoader, build_train_loader
 from engine_eval import extract_features, knn_accuracy
 from engine_pretrain import Pretraining
 from models_mae import create_model
-from models_vit import pool_tokens
+from models_vit import check_input_channels, pool_tokens
 from target_encoder import build_target
 from util import distributed as dist
 from util.checkpoint import load_checkpoint
@@ -28,6 +28,8 @@ from util.errors import UserError, cli
 from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, resolve_precision, speed_options
 from util.trainer import Run
+
+RESUME_KEYS = ("model", "optimizer", "config", "epoch", "step")  # what continuing a run reads
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
     torch.manual_seed(cfg.seed)  # model initialisation: identical on every rank
     cfg.resolve(world_size=dist.world())
     resume = find_resume(cfg)
-    ckpt = load_checkpoint(resume, kind="pretrain") if resume else None
+    ckpt = load_checkpoint(resume, kind="pretrain", require=RESUME_KEYS) if resume else None
     cfg.precision = resolve_precision(cfg.precision, device, ckpt["config"].get("precision") if ckpt else None)
     prepare_output_dir(cfg, resume, ckpt, write=dist.is_main())
 
@@ -99,6 +101,8 @@ def main(argv=None) -> None:
     loader = build_train_loader(cfg, images, train_set[1], device, mean, std, PRETRAIN)
     engine = build_engine(cfg, device, train_set, mean, std, len(loader))
     if ckpt is not None:
+        check_input_channels(ckpt["model"], images.shape[3], resume, key="encoder.patch_embed.proj.weight",
+                             pretrained_on=ckpt["config"].get("dataset"))
         try:
             engine.load_state_dict(ckpt)
         except RuntimeError as e:

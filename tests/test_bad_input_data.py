@@ -327,7 +327,6 @@ def test_require_names_what_is_missing(pretrained, tmp_path):
 
 # The scripts reach these entries with ckpt[...] today; they pass once their callers hand
 # load_checkpoint the `require` they read (see util/checkpoint.load_checkpoint).
-@pytest.mark.xfail(reason="needs main_pretrain/eval_setup to pass require= to load_checkpoint", strict=False)
 @pytest.mark.parametrize("script,flag,drop", [("main_pretrain", "--resume", "optimizer"),
                                               ("main_finetune", "--finetune", "config")])
 def test_stripped_checkpoint_end_to_end(pretrained, tmp_path, capsys, script, flag, drop):
@@ -397,7 +396,6 @@ def test_one_channel_checkpoint_in_a_three_channel_run(fashion_pretrained, tmp_p
     assert "--model" not in err
 
 
-@pytest.mark.xfail(reason="needs main_pretrain to call models_vit.check_input_channels on --resume", strict=False)
 def test_one_channel_checkpoint_resumed_by_three_channel_pretraining(fashion_pretrained, tmp_path, capsys):
     ckpt, cifar = fashion_pretrained
     err = refused(capsys, "main_pretrain", *smoke_args(cifar, tmp_path / "o", "--resume", ckpt),
