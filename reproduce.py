@@ -6,7 +6,7 @@
     python reproduce.py --plan report --scale smoke --data_path /tmp/fake   # tiny model, 2 epochs, CPU
 
 Each row is configs/report/NAME.yaml (only what the row varies; the rest is the scripts'
-defaults). For every row and seed the three stages run one after the other as subprocesses
+defaults), in the order of configs/report/plan.yaml. For every row and seed the three stages run one after the other as subprocesses
 of main_pretrain.py, main_finetune.py and main_linprobe.py, writing
 
     OUTPUT_ROOT/NAME/seedS/{pretrain,finetune,linprobe}/   (log.txt, config.yaml, checkpoints, results.json)
@@ -16,13 +16,13 @@ of main_pretrain.py, main_finetune.py and main_linprobe.py, writing
 A stage whose run is complete (pretrain: log.txt reached the configured epochs; fine-tune /
 probe: results.json with the configured epochs) is skipped; any other stage is simply rerun
 with the same command, and the scripts resume from their checkpoint-last.pth. At the end the
-figures and results.md are written (util/figures.py) into report_figures/ (or --figures_dir).
+figures and results.md are written (results/figures.py) into report_figures/ (or --figures_dir).
 
     python reproduce.py --plan study --seeds 3               # the improvement study (docs/RESULTS.md)
 
-The study plan (configs/study/NAME.yaml) runs pretrain -> linear probe on cached features + kNN
+The study plan (configs/study/NAME.yaml, ordered by configs/study/plan.yaml) runs pretrain -> linear probe on cached features + kNN
 on Fashion-MNIST with a small model and a 6,000-image training subset, about 30 min for 3 seeds on
-2 CPU cores; its table and figure (util/study.py) go to OUTPUT_ROOT (or --figures_dir).
+2 CPU cores; its table and figure (results/study.py) go to OUTPUT_ROOT (or --figures_dir).
 """
 import argparse
 import json
@@ -33,27 +33,20 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-import yaml
+from results.plans import PLAN_NAMES, ROOT, plan_dir, plan_rows, read_yaml, row_config
+from util.errors import UserError, cli
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-PLAN_DIR = os.path.join("configs", "report")
 SMOKE = os.path.join("configs", "smoke.yaml")
 FULL_EVAL = {"finetune": os.path.join("configs", "finetune.yaml"),
              "linprobe": os.path.join("configs", "linprobe.yaml")}
 SCRIPTS = {"pretrain": "main_pretrain.py", "finetune": "main_finetune.py", "linprobe": "main_linprobe.py"}
 STAGES = ("pretrain", "finetune", "linprobe")
 
-# The report's rows, in table order (configs/report/NAME.yaml each).
-REPORT_PLAN = ["scratch", "pixel",
-               "mae_k1", "mae_k2", "mae_k4", "mae_k10", "mae_k20",
-               "ema_wse0", "ema_wse1", "ema_wse5", "ema_wse20", "ema_wse40", "ema_wse80",
-               "ema_tau0.9_wse5", "ema_tau0.7_wse5"]
-# The improvement study (docs/RESULTS.md): configs/study/NAME.yaml each, pretrain -> cached-feature
-# linear probe + kNN only, on a small Fashion-MNIST recipe that fits a 2-core CPU.
-STUDY_PLAN = ["scratch", "pixel", "mae_k", "ema", "ema_step_cosine", "ema_layers", "ema_prenorm_ln",
-              "ema_pixel", "dual", "ema_all", "improved"]
-PLANS = {"report": REPORT_PLAN, "study": STUDY_PLAN}
-PLAN_DIRS = {"report": PLAN_DIR, "study": os.path.join("configs", "study")}
+# Each plan's rows in table order (configs/PLAN/plan.yaml): the report's table, and the
+# improvement study (docs/RESULTS.md): pretrain -> cached-feature linear probe + kNN only, on a
+# small Fashion-MNIST recipe that fits a 2-core CPU.
+PLANS: Dict[str, List[str]] = {plan: plan_rows(plan) for plan in PLAN_NAMES}
+REPORT_PLAN, STUDY_PLAN = PLANS["report"], PLANS["study"]
 STUDY_STAGES = ("pretrain", "linprobe")
 STUDY_DATA = "/usr/share/datasets/fashion-mnist"
 # The study's shared recipe (scale full); rows only add their pretrain options.
@@ -73,15 +66,6 @@ STUDY_SMOKE = {"pretrain": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32},
 _EPOCH_OPTS = ("k", "wse", "feature_ramp")
 
 
-def _load_yaml(rel: str) -> dict:
-    with open(os.path.join(ROOT, rel)) as f:
-        return yaml.safe_load(f) or {}
-
-
-def _flag_value(v) -> str:
-    return str(v)
-
-
 def _flags(d: Dict[str, object]) -> List[str]:
     """{key: value} -> ['--key', 'value', ...]; booleans become --key / --no-key."""
     out: List[str] = []
@@ -89,7 +73,7 @@ def _flags(d: Dict[str, object]) -> List[str]:
         if isinstance(v, bool):
             out.append(f"--{k}" if v else f"--no-{k}")
         elif v is not None:
-            out += [f"--{k}", _flag_value(v)]
+            out += [f"--{k}", str(v)]
     return out
 
 
@@ -107,10 +91,10 @@ class Row:
     def __init__(self, name: str, plan: str = "report"):
         self.name = name
         self.plan = plan
-        self.config = os.path.join(PLAN_DIRS[plan], f"{name}.yaml")
+        self.config = os.path.join(plan_dir(plan), f"{name}.yaml")
         if not os.path.isfile(os.path.join(ROOT, self.config)):
-            raise SystemExit(f"error: no plan row {name!r} ({self.config} missing)")
-        raw = _load_yaml(self.config)
+            raise UserError(f"no plan row {name!r} ({self.config} missing)")
+        raw = row_config(plan, name)
         self.pretrain = dict(raw.get("pretrain") or {})
         self.scratch = bool((raw.get("finetune") or {}).get("from_scratch")) or not self.pretrain
 
@@ -159,7 +143,7 @@ def stage_command(row: Row, stage: str, seed: int, args) -> List[str]:
     if stage == "pretrain":
         cmd += ["--config", row.config]
         if args.scale == "smoke":
-            smoke = _load_yaml(SMOKE)
+            smoke = read_yaml(SMOKE)
             vals = {k: v for k, v in smoke.items() if k not in STAGES}
             for k, v in (smoke.get("pretrain") or {}).items():
                 # k / wse: the smoke value caps the row's (they must stay below the 2 epochs)
@@ -241,11 +225,16 @@ def run_stage(cmd: List[str], log_file: str, quiet: bool) -> int:
         return proc.wait()
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2 (via cli), no usage block
+        raise UserError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("--plan", default="report", choices=sorted(PLANS), help="which table to reproduce")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
-                   help="run only these rows (configs/report/NAME.yaml)")
+                   help="run only these rows (configs/PLAN/NAME.yaml)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 per row")
     p.add_argument("--scale", default="full", choices=("full", "smoke"),
                    help="full: the report's recipe; smoke: configs/smoke.yaml settings (tiny model, 2 epochs)")
@@ -254,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_root", default="", help="default: output/PLAN")
     p.add_argument("--device", default="", help="passed to every stage (auto, cpu, cuda, cuda:N)")
     p.add_argument("--figures_dir", default="", help="where figures and results.md go "
-                                                    "(default: report_figures/)")
+                                                    "(default: report_figures/; study: OUTPUT_ROOT)")
     p.add_argument("--no_figures", action="store_true", help="skip the figures at the end")
     p.add_argument("--quiet", action="store_true", help="stage output only to the .out files")
     g = p.add_argument_group("study plan only (--plan study)")
@@ -265,52 +254,70 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.seeds < 1:
-        raise SystemExit("error: --seeds must be >= 1")
+def _check_folder(flag: str, path: str) -> None:
+    """A folder to write into: it, or its nearest existing parent, must be a writable folder."""
+    p = os.path.join(ROOT, path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UserError(f"{flag} {path}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {p} is not writable")
+
+
+def check_args(args) -> List[str]:
+    """Validate the arguments before any work (raises UserError); returns the rows to run."""
+    for flag, value, low in (("--seeds", args.seeds, 1), ("--train_subset", args.train_subset, 0),
+                             ("--pretrain_epochs", args.pretrain_epochs, 0),
+                             ("--probe_epochs", args.probe_epochs, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
     names = args.only or PLANS[args.plan]
     unknown = [n for n in names if n not in PLANS[args.plan]]
     if unknown:
-        raise SystemExit(f"error: not rows of plan {args.plan!r}: {', '.join(unknown)} "
-                         f"(choose from {', '.join(PLANS[args.plan])})")
-    args.output_root = _path_arg(args.output_root or os.path.join("output", args.plan))
-    if args.plan == "study" and not args.data_path:
-        args.data_path = STUDY_DATA
-    if args.data_path:
-        args.data_path = _path_arg(args.data_path)
-    rows = [Row(n, args.plan) for n in names]
+        raise UserError(f"not rows of plan {args.plan!r}: {', '.join(unknown)} "
+                        f"(choose from {', '.join(PLANS[args.plan])})")
+    if args.device:  # the scripts' own rule, checked now rather than at the first stage
+        from config import SECTIONS, parse_config
+        parse_config(SECTIONS["pretrain"], "pretrain", ["--device", args.device])
+    _check_folder("--output_root", args.output_root)
+    if args.figures_dir:
+        _check_folder("--figures_dir", args.figures_dir)
+    return names
 
-    failures: List[str] = []
-    for row in rows:
-        for seed in range(args.seeds):
-            run_dir = os.path.join(args.output_root, row.name, f"seed{seed}")
-            cmds = {stage: stage_command(row, stage, seed, args) for stage in row.stages()}
-            if args.dry_run:
-                for stage, cmd in cmds.items():
-                    print(shlex.join(["python"] + cmd))
-                continue
-            os.makedirs(os.path.join(ROOT, run_dir), exist_ok=True)
-            with open(os.path.join(ROOT, run_dir, "commands.json"), "w") as f:
-                json.dump({"reproduce": shlex.join(["python", "reproduce.py", "--plan", args.plan, "--only",
-                                                    row.name, "--scale", args.scale]),
-                           "cwd": ROOT, **{s: shlex.join(["python"] + c) for s, c in cmds.items()}}, f, indent=2)
-            for stage, cmd in cmds.items():
-                out_dir = os.path.join(run_dir, stage)
-                epochs = configured_epochs(stage, cmd[1:])
-                if stage_done(stage, out_dir, epochs):
-                    print(f"[reproduce] {row.name} seed {seed} {stage}: done ({epochs} epochs), skipped")
-                    continue
-                print(f"[reproduce] {row.name} seed {seed} {stage}: {shlex.join(['python'] + cmd)}", flush=True)
-                t0 = time.time()
-                rc = run_stage(cmd, os.path.join(ROOT, run_dir, f"{stage}.out"), args.quiet)
-                if rc != 0 or not stage_done(stage, out_dir, epochs):
-                    failures.append(f"{row.name} seed {seed} {stage} (exit {rc}; see {run_dir}/{stage}.out)")
-                    print(f"[reproduce] FAILED: {failures[-1]}", flush=True)
-                    break  # later stages of this row/seed need this one
-                print(f"[reproduce] {row.name} seed {seed} {stage}: finished in {time.time() - t0:.0f}s")
+
+def run_row(row: Row, seed: int, args) -> Optional[str]:
+    """Run (or skip when done) every stage of one row and seed; returns a failure note or None."""
+    run_dir = os.path.join(args.output_root, row.name, f"seed{seed}")
+    cmds = {stage: stage_command(row, stage, seed, args) for stage in row.stages()}
     if args.dry_run:
-        return 0
+        for cmd in cmds.values():
+            print(shlex.join(["python"] + cmd))
+        return None
+    os.makedirs(os.path.join(ROOT, run_dir), exist_ok=True)
+    with open(os.path.join(ROOT, run_dir, "commands.json"), "w") as f:
+        json.dump({"reproduce": shlex.join(["python", "reproduce.py", "--plan", args.plan, "--only",
+                                            row.name, "--scale", args.scale]),
+                   "cwd": ROOT, **{s: shlex.join(["python"] + c) for s, c in cmds.items()}}, f, indent=2)
+    for stage, cmd in cmds.items():
+        out_dir = os.path.join(run_dir, stage)
+        epochs = configured_epochs(stage, cmd[1:])
+        if stage_done(stage, out_dir, epochs):
+            print(f"[reproduce] {row.name} seed {seed} {stage}: done ({epochs} epochs), skipped")
+            continue
+        print(f"[reproduce] {row.name} seed {seed} {stage}: {shlex.join(['python'] + cmd)}", flush=True)
+        t0 = time.time()
+        rc = run_stage(cmd, os.path.join(ROOT, run_dir, f"{stage}.out"), args.quiet)
+        if rc != 0 or not stage_done(stage, out_dir, epochs):
+            failure = f"{row.name} seed {seed} {stage} (exit {rc}; see {run_dir}/{stage}.out)"
+            print(f"[reproduce] FAILED: {failure}", flush=True)
+            return failure  # later stages of this row/seed need this one
+        print(f"[reproduce] {row.name} seed {seed} {stage}: finished in {time.time() - t0:.0f}s")
+    return None
+
+
+def write_outputs(args, names: List[str]) -> None:
+    """The study's table and figure, or the report's figures and results.md."""
     if args.plan == "study":
         from results.study import write_study
         fig_dir = _path_arg(args.figures_dir) if args.figures_dir else args.output_root
@@ -323,6 +330,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         fig_dir = _path_arg(args.figures_dir) if args.figures_dir else "report_figures"
         written = make_all(os.path.join(ROOT, args.output_root), os.path.join(ROOT, fig_dir))
         print(f"[reproduce] wrote {len(written)} files to {fig_dir}")
+
+
+@cli
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.output_root = _path_arg(args.output_root or os.path.join("output", args.plan))
+    names = check_args(args)
+    if args.plan == "study" and not args.data_path:
+        args.data_path = STUDY_DATA
+    if args.data_path:
+        args.data_path = _path_arg(args.data_path)
+    rows = [Row(n, args.plan) for n in names]
+    failures: List[str] = []
+    for row in rows:
+        for seed in range(args.seeds):
+            failure = run_row(row, seed, args)
+            if failure:
+                failures.append(failure)
+    if args.dry_run:
+        return 0
+    write_outputs(args, names)
     if failures:
         print("[reproduce] failed stages:\n  " + "\n  ".join(failures))
         return 1

@@ -1,32 +1,68 @@
-"""Everything about the reconstruction target: which one is used when, and the target encoder.
+"""The reconstruction target: what the decoder regresses at each epoch, and the target encoder.
 
-Three targets (`--target`):
-    pixel: plain MAE, the decoder regresses normalised pixels of removed patches; no
-           target encoder ever exists.
-    mae_k: epochs [0, K) regress pixels; at the start of every epoch e >= K with e % K == 0
-           the target encoder becomes an exact copy of the online encoder, frozen in between.
-    ema:   epochs [0, WSE) regress pixels; at the start of epoch WSE the target encoder is a
-           copy of the online encoder, then after every epoch (or every optimizer step with
-           ema_every="step") target = tau * target + (1 - tau) * online.
+One class per target kind, registered under its `--target` name in `TARGETS`:
+    pixel:  plain MAE, the decoder regresses normalised pixels of removed patches; no target
+            encoder ever exists.
+    mae_k:  epochs [0, K) regress pixels; at the start of every epoch e >= K with e % K == 0
+            the target encoder becomes an exact copy of the online encoder, frozen in between.
+    ema:    epochs [0, WSE) regress pixels; at the start of epoch WSE the target encoder is a
+            copy of the online encoder, then after every epoch (or every optimizer step with
+            ema_every="step") target = tau * target + (1 - tau) * online.
+    dual:   ema, plus a snapshot refreshed every K epochs from epoch WSE on;
+            loss = L_ema + slow_lambda * L_snapshot, from one online forward pass.
+    random: dBOT's first stage: from epoch 0 the features of a frozen copy of the randomly
+            initialised online encoder, taken before any training and never updated.
 
-The target encoder is a frozen module outside the optimizer and outside any DDP wrapper.
-It sees the full, unmasked, identically augmented image in eval mode without autograd,
-and its target is the last block after the final norm with the cls token dropped:
-(N, L, D), token i from patch i, regressed by the feature head on removed patches only.
+Adding a target is one class plus one registry line, e.g. the EMA's features negated:
+
+    @register_target("ema_negated")
+    class NegatedEMATarget(EMATarget):
+        def feature_target(self, imgs, encoder=None):
+            return -super().feature_target(imgs, encoder)
+
+The config accepts every registered name, the training loop calls only the hooks of `Target`,
+and the checkpoint stores whatever `state_dict()` returns.
+
+A target encoder is a frozen module outside the optimizer and outside any DDP wrapper. It sees
+the full, unmasked, identically augmented image in eval mode without autograd, and its target
+is the last block after the final norm with the cls token dropped: (N, L, D), token i from
+patch i, regressed by the feature head on removed patches only.
 """
 import copy
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models_mae import MAEEncoder, masked_mse
+from util.errors import UserError
 
-TARGETS = ("pixel", "mae_k", "ema", "dual")
 EMA_EVERY = ("epoch", "step")
 TARGET_NORMS = ("none", "layernorm", "instancenorm")
+# The decoder heads (models_mae.MaskedAutoencoderViT.heads): what a target asks the model for.
+PIXEL_HEAD, FEATURE_HEAD = "pixel", "feature"
+
+TARGETS: Dict[str, Type["Target"]] = {}
+
+
+def register_target(name: str) -> Callable[[Type["Target"]], Type["Target"]]:
+    """Class decorator: make a Target subclass available as `--target NAME`."""
+    def register(cls: Type["Target"]) -> Type["Target"]:
+        if name in TARGETS:
+            raise ValueError(f"target {name!r} is already registered ({TARGETS[name].__name__})")
+        cls.kind = name
+        TARGETS[name] = cls
+        return cls
+    return register
+
+
+def build_target(cfg, steps_per_epoch: int = 1) -> "Target":
+    """The target named by cfg.target, configured from cfg (a PretrainConfig)."""
+    if cfg.target not in TARGETS:
+        raise UserError(f"unknown target {cfg.target!r}; choose from {', '.join(TARGETS)}")
+    return TARGETS[cfg.target](cfg, steps_per_epoch)
 
 
 def pixel_target(patches: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
@@ -47,12 +83,15 @@ def cosine_tau(tau: float, tau_end: Optional[float], progress: float) -> float:
     return tau_end - (tau_end - tau) * (math.cos(math.pi * p) + 1) / 2
 
 
+# ---- frozen copies ------------------------------------------------------------------------------
+
 def _tensors(module: nn.Module) -> list:
     """Floating-point parameters and buffers in a fixed order (the order state_dict uses)."""
     return [t for t in module.state_dict(keep_vars=True).values() if t.is_floating_point()]
 
 
-def _frozen_copy(online: MAEEncoder) -> MAEEncoder:
+def frozen_copy(online: MAEEncoder) -> MAEEncoder:
+    """A new module equal to `online`: no grads, never trained, eval mode."""
     enc = copy.deepcopy(online)
     for p in enc.parameters():
         p.requires_grad_(False)
@@ -60,63 +99,73 @@ def _frozen_copy(online: MAEEncoder) -> MAEEncoder:
     return enc.eval()
 
 
-class TargetEncoder:
+@torch.no_grad()
+def hard_copy(dst: Optional[MAEEncoder], online: MAEEncoder) -> MAEEncoder:
+    """dst <- online, exactly (a new frozen module the first time)."""
+    if dst is None:
+        return frozen_copy(online)
+    torch._foreach_copy_(_tensors(dst), _tensors(online))
+    return dst
+
+
+def _restored(state: Optional[Dict[str, torch.Tensor]], online: MAEEncoder) -> Optional[MAEEncoder]:
+    """A checkpoint's encoder state_dict -> a frozen encoder shaped like `online` (None stays None)."""
+    if state is None:
+        return None
+    enc = frozen_copy(online)
+    enc.load_state_dict(state)
+    return enc
+
+
+# ---- the interface, and what every kind shares -------------------------------------------------
+
+class Target:
     """Schedules the target and owns the frozen target network(s).
 
     Call order per epoch: `on_epoch_start(e, online)`, then per step `loss(...)` and
     `on_step_end(e, online, step)`, then `on_epoch_end(e, online)`. `online` is always the
-    unwrapped online `MAEEncoder` (never a DDP or compiled wrapper), so every rank
-    updates from identical weights.
+    unwrapped online `MAEEncoder` (never a DDP or compiled wrapper), so every rank updates from
+    identical weights.
 
-    Options beyond the report (defaults reproduce it):
-        tau_end: anneal tau to tau_end on a cosine over training (per step or per epoch).
+    A kind sets `switch_epoch` (first epoch regressing features; None: never) and overrides
+    what it needs: `refresh` (hard copies at an epoch's start), `on_step_end`, `on_epoch_end`,
+    `feature_target`, `feature_loss`, `schedule_info`, `check_config`, and for more than one
+    teacher `teachers`, `state_dict`, `load_state_dict`.
+
+    Options every kind shares (defaults reproduce the report):
         target_layers, target_norm, target_prenorm: the target is the mean of the top
             `target_layers` block outputs, each taken after the final norm (or before it with
             target_prenorm), each instance-normalised over tokens with target_norm=instancenorm,
             the mean layer-normalised with target_norm=layernorm; all parameter-free.
         pixel_weight, feature_ramp: after the switch, loss = ramp * L_feature + pixel_weight *
             L_pixel, ramp rising linearly to 1 over feature_ramp epochs (BootMAE).
-        dual (target): the EMA target plus a snapshot refreshed every K epochs from the switch
-            epoch WSE on, loss = L_ema + slow_lambda * L_snapshot, one online forward pass.
     """
+    kind: str = ""                      # the registry name, set by register_target
+    options: Tuple[str, ...] = ()       # the config fields this kind reads beyond the shared ones
+    switch_epoch: Optional[int] = None  # first epoch regressing features; None: never
 
-    def __init__(self, target: str = "pixel", k: int = 10, tau: float = 0.995, wse: int = 20,
-                 ema_every: str = "epoch", norm_pix_loss: bool = False, tau_end: Optional[float] = None,
-                 epochs: int = 1, steps_per_epoch: int = 1, target_layers: int = 1,
-                 target_norm: str = "none", target_prenorm: bool = False, pixel_weight: float = 0.0,
-                 feature_ramp: int = 0, slow_lambda: float = 0.2):
-        if target not in TARGETS:
-            raise ValueError(f"unknown target {target!r}; choose from {TARGETS}")
-        if ema_every not in EMA_EVERY:
-            raise ValueError(f"ema_every must be one of {EMA_EVERY}, got {ema_every!r}")
-        if target_norm not in TARGET_NORMS:
-            raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
-        self.target, self.k, self.tau, self.wse = target, k, tau, wse
-        self.ema_every, self.norm_pix_loss, self.tau_end = ema_every, norm_pix_loss, tau_end
-        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
-        self.target_layers, self.target_norm, self.target_prenorm = target_layers, target_norm, target_prenorm
-        self.pixel_weight, self.feature_ramp, self.slow_lambda = pixel_weight, feature_ramp, slow_lambda
-        self.encoder: Optional[MAEEncoder] = None  # mae_k snapshot, or the EMA (ema, dual)
-        self.slow: Optional[MAEEncoder] = None     # dual only: the every-K snapshot
+    def __init__(self, cfg, steps_per_epoch: int = 1):
+        if cfg.target_norm not in TARGET_NORMS:
+            raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {cfg.target_norm!r}")
+        self.norm_pix_loss, self.epochs, self.steps_per_epoch = cfg.norm_pix_loss, cfg.epochs, steps_per_epoch
+        self.target_layers, self.target_norm = cfg.target_layers, cfg.target_norm
+        self.target_prenorm = cfg.target_prenorm
+        self.pixel_weight, self.feature_ramp = cfg.pixel_weight, cfg.feature_ramp
+        self.encoder: Optional[MAEEncoder] = None  # the target encoder, once there is one
 
-    # ---- schedule -------------------------------------------------------------------------
-    @property
-    def switch_epoch(self) -> Optional[int]:
-        """First epoch that regresses features (None for pixel)."""
-        return {"pixel": None, "mae_k": self.k, "ema": self.wse, "dual": self.wse}[self.target]
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise UserError (one line) for a config this kind cannot run."""
 
-    @property
-    def uses_ema(self) -> bool:
-        return self.target in ("ema", "dual")
-
+    # ---- schedule ---------------------------------------------------------------------------
     def uses_features(self, epoch: int) -> bool:
         return self.switch_epoch is not None and epoch >= self.switch_epoch
 
     def heads(self, epoch: int) -> Tuple[str, ...]:
         """The decoder heads the loss needs at this epoch."""
         if not self.uses_features(epoch):
-            return ("pixel",)
-        return ("feature", "pixel") if self.pixel_weight > 0 else ("feature",)
+            return (PIXEL_HEAD,)
+        return (FEATURE_HEAD, PIXEL_HEAD) if self.pixel_weight > 0 else (FEATURE_HEAD,)
 
     def feature_weight(self, epoch: int) -> float:
         """Ramp of the feature loss after the switch: 1/R, 2/R, ..., 1 over feature_ramp epochs."""
@@ -124,77 +173,45 @@ class TargetEncoder:
             return 1.0
         return min(1.0, (epoch - self.switch_epoch + 1) / self.feature_ramp)
 
-    def tau_at(self, epoch: int, step: int) -> float:
-        """The EMA decay used by the update after `step` (global, 1-based) of `epoch`."""
-        if self.ema_every == "step":
-            progress = step / max(self.epochs * self.steps_per_epoch, 1)
-        else:
-            progress = (epoch + 1) / max(self.epochs, 1)
-        return cosine_tau(self.tau, self.tau_end, progress)
+    def schedule_info(self, epoch: int) -> Dict[str, Any]:
+        """This kind's schedule parameters for the log line."""
+        return {}
 
-    def describe(self, epoch: int) -> Dict[str, object]:
+    def describe(self, epoch: int) -> Dict[str, Any]:
         """What this epoch regresses, for the log line."""
-        info: Dict[str, object] = {"target": self.target,
-                                   "regress": "feature" if self.uses_features(epoch) else "pixel"}
-        if self.target in ("mae_k", "dual"):
-            info["k"] = self.k
-        if self.uses_ema:
-            info.update(tau=self.tau_at(epoch, (epoch + 1) * self.steps_per_epoch), wse=self.wse,
-                        ema_every=self.ema_every)
-        if self.uses_features(epoch) and (self.pixel_weight > 0 or self.feature_ramp > 0):
+        features = self.uses_features(epoch)
+        info = {"target": self.kind, "regress": FEATURE_HEAD if features else PIXEL_HEAD,
+                **self.schedule_info(epoch)}
+        if features and (self.pixel_weight > 0 or self.feature_ramp > 0):
             info.update(feature_weight=self.feature_weight(epoch), pixel_weight=self.pixel_weight)
         return info
 
-    # ---- updates ----------------------------------------------------------------------------
+    # ---- updates ------------------------------------------------------------------------------
+    def refresh(self, epoch: int, online: MAEEncoder) -> bool:
+        """Hard copies due at the start of `epoch`; True if any happened."""
+        return False
+
     def on_epoch_start(self, epoch: int, online: MAEEncoder) -> bool:
-        """Hard-copy the online encoder when the schedule says so. Returns True if it did."""
-        refresh = ((self.target == "mae_k" and epoch >= self.k and epoch % self.k == 0)
-                   or (self.uses_ema and epoch == self.wse))
-        if refresh:
-            self.encoder = self._copy(self.encoder, online)
-        slow_refresh = (self.target == "dual" and epoch >= self.wse and (epoch - self.wse) % self.k == 0)
-        if slow_refresh:
-            self.slow = self._copy(self.slow, online)
-        if self.uses_features(epoch) and (self.encoder is None or (self.target == "dual" and self.slow is None)):
+        """Refresh the target when the schedule says so. Returns True if it did."""
+        refreshed = self.refresh(epoch, online)
+        if self.uses_features(epoch) and any(t is None for t in self.teachers()):
             # Only reachable by resuming from a checkpoint that lost its target encoder.
             raise RuntimeError(f"epoch {epoch} needs a target encoder but none was restored")
-        return refresh or slow_refresh
+        return refreshed
 
-    def on_step_end(self, epoch: int, online: MAEEncoder, step: int = 0) -> None:
-        if self.uses_ema and self.ema_every == "step" and self.uses_features(epoch):
-            self.ema_update(online, self.tau_at(epoch, step))
+    def on_step_end(self, epoch: int, online: MAEEncoder, global_step: int = 0) -> None:
+        """After each optimizer step (`global_step`: 1-based, over the whole run)."""
 
     def on_epoch_end(self, epoch: int, online: MAEEncoder) -> None:
-        if self.uses_ema and self.ema_every == "epoch" and self.uses_features(epoch):
-            self.ema_update(online, self.tau_at(epoch, 0))
-
-    @staticmethod
-    @torch.no_grad()
-    def _copy(dst: Optional[MAEEncoder], online: MAEEncoder) -> MAEEncoder:
-        """dst <- online, exactly (a new frozen module the first time)."""
-        if dst is None:
-            return _frozen_copy(online)
-        torch._foreach_copy_(_tensors(dst), _tensors(online))
-        return dst
-
-    def copy_from(self, online: MAEEncoder) -> None:
-        """target <- online, exactly."""
-        self.encoder = self._copy(self.encoder, online)
-
-    @torch.no_grad()
-    def ema_update(self, online: MAEEncoder, tau: Optional[float] = None) -> None:
-        """target <- tau * target + (1 - tau) * online, one fused op over all tensors."""
-        assert self.encoder is not None
-        tau = self.tau if tau is None else tau
-        torch._foreach_lerp_(_tensors(self.encoder), _tensors(online), 1.0 - tau)
+        """After the last step of an epoch."""
 
     # ---- targets and loss ---------------------------------------------------------------------
     @torch.no_grad()
     def feature_target(self, imgs: torch.Tensor, encoder: Optional[MAEEncoder] = None) -> torch.Tensor:
         """(N, C, H, W) full unmasked images -> (N, L, D) target features, cls dropped.
 
-        Default: last block after the final norm. no_grad rather than inference_mode: the
-        result is saved by the loss's backward, which inference tensors may not be.
+        `encoder`: the teacher (default: self.encoder). no_grad rather than inference_mode:
+        the result is saved by the loss's backward, which inference tensors may not be.
         """
         enc = self.encoder if encoder is None else encoder
         assert enc is not None
@@ -212,6 +229,11 @@ class TargetEncoder:
             tgt = F.layer_norm(tgt.float(), tgt.shape[-1:])
         return tgt
 
+    def feature_loss(self, pred: torch.Tensor, tgt: torch.Tensor, imgs: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+        """The feature head's loss given this step's feature target (before ramp and pixel loss)."""
+        return masked_mse(pred, tgt, mask)
+
     def loss(self, model: nn.Module, imgs: torch.Tensor, preds: Dict[str, torch.Tensor],
              mask: torch.Tensor, epoch: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Masked MSE between the heads' predictions and this epoch's target(s).
@@ -225,56 +247,166 @@ class TargetEncoder:
             loss (scalar) and detached device-side statistics for logging (no host sync).
         """
         if not self.uses_features(epoch):
-            pred, tgt = preds["pixel"], pixel_target(model.patchify(imgs), self.norm_pix_loss)
+            pred, tgt = preds[PIXEL_HEAD], pixel_target(model.patchify(imgs), self.norm_pix_loss)
             loss = masked_mse(pred, tgt, mask)
         else:
-            pred, tgt = preds["feature"], self.feature_target(imgs)
-            loss = masked_mse(pred, tgt, mask)
-            if self.target == "dual":  # the same prediction also regresses the slow snapshot
-                loss = loss + self.slow_lambda * masked_mse(pred, self.feature_target(imgs, self.slow), mask)
-            loss = self.feature_weight(epoch) * loss
+            pred, tgt = preds[FEATURE_HEAD], self.feature_target(imgs)
+            loss = self.feature_weight(epoch) * self.feature_loss(pred, tgt, imgs, mask)
             if self.pixel_weight > 0:
                 pix = pixel_target(model.patchify(imgs), self.norm_pix_loss)
-                loss = loss + self.pixel_weight * masked_mse(preds["pixel"], pix, mask)
+                loss = loss + self.pixel_weight * masked_mse(preds[PIXEL_HEAD], pix, mask)
         # Spread of targets and predictions across tokens: a collapsing target shows here first.
         stats = {"target_std": tgt.detach().float().std(dim=(0, 1)).mean(),
                  "pred_std": pred.detach().float().std(dim=(0, 1)).mean()}
         return loss, stats
 
+    # ---- state ----------------------------------------------------------------------------------
+    def teachers(self) -> Tuple[Optional[MAEEncoder], ...]:
+        """Every frozen network the feature loss reads (None before it exists)."""
+        return (self.encoder,)
+
     @torch.no_grad()
     def checksum(self) -> torch.Tensor:
         """A float64 fingerprint of the target weights (0 when there is none), for rank checks."""
         total = torch.zeros((), dtype=torch.float64)
-        for enc in (self.encoder, self.slow):
+        for enc in self.teachers():
             if enc is not None:
                 total += sum(t.double().sum() * (i + 1) for i, t in enumerate(_tensors(enc))).cpu()
         return total
 
-    # ---- checkpointing -------------------------------------------------------------------------
-    def state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The target encoder (the EMA for dual), timm ViT key names; None before the switch."""
-        return None if self.encoder is None else self.encoder.state_dict()
+    def state_dict(self) -> Dict[str, Any]:
+        """Checkpoint entries: "target", the target encoder's state_dict (timm ViT key names),
+        None before it exists."""
+        return {"target": None if self.encoder is None else self.encoder.state_dict()}
 
-    def slow_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """dual only: the every-K snapshot."""
-        return None if self.slow is None else self.slow.state_dict()
-
-    def load_state_dict(self, state: Optional[Dict[str, torch.Tensor]], online: MAEEncoder,
-                        slow: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """Restore the target(s); `online` provides the architecture to copy them into."""
-        self.encoder = self.slow = None
-        if state is not None:
-            self.encoder = _frozen_copy(online)
-            self.encoder.load_state_dict(state)
-        if slow is not None:
-            self.slow = _frozen_copy(online)
-            self.slow.load_state_dict(slow)
+    def load_state_dict(self, ckpt: Dict[str, Any], online: MAEEncoder) -> None:
+        """Restore from a whole checkpoint dict; `online` gives the architecture to copy into."""
+        self.encoder = _restored(ckpt.get("target"), online)
 
 
-def build_target(cfg, steps_per_epoch: int = 1) -> TargetEncoder:
-    return TargetEncoder(target=cfg.target, k=cfg.k, tau=cfg.tau, wse=cfg.wse,
-                         ema_every=cfg.ema_every, norm_pix_loss=cfg.norm_pix_loss, tau_end=cfg.tau_end,
-                         epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                         target_layers=cfg.target_layers, target_norm=cfg.target_norm,
-                         target_prenorm=cfg.target_prenorm, pixel_weight=cfg.pixel_weight,
-                         feature_ramp=cfg.feature_ramp, slow_lambda=cfg.slow_lambda)
+# ---- the kinds ----------------------------------------------------------------------------------
+
+@register_target("pixel")
+class PixelTarget(Target):
+    """Plain MAE: pixels of removed patches, always; no target encoder."""
+
+
+@register_target("mae_k")
+class MAEKTarget(Target):
+    """A snapshot of the online encoder, hard-copied at the start of epochs K, 2K, ...; pixels before K."""
+    options = ("k",)
+
+    def __init__(self, cfg, steps_per_epoch: int = 1):
+        super().__init__(cfg, steps_per_epoch)
+        self.k = self.switch_epoch = cfg.k
+
+    def schedule_info(self, epoch: int) -> Dict[str, Any]:
+        return {"k": self.k}
+
+    def refresh(self, epoch: int, online: MAEEncoder) -> bool:
+        if epoch >= self.k and epoch % self.k == 0:
+            self.encoder = hard_copy(self.encoder, online)
+            return True
+        return False
+
+
+@register_target("ema")
+class EMATarget(Target):
+    """An exponential moving average of the online encoder, created at epoch WSE; pixels before.
+
+    tau_end: anneal tau to tau_end on a cosine over training (per step or per epoch).
+    """
+    options = ("wse", "tau", "tau_end", "ema_every")
+
+    def __init__(self, cfg, steps_per_epoch: int = 1):
+        super().__init__(cfg, steps_per_epoch)
+        if cfg.ema_every not in EMA_EVERY:
+            raise ValueError(f"ema_every must be one of {EMA_EVERY}, got {cfg.ema_every!r}")
+        self.tau, self.tau_end, self.ema_every = cfg.tau, cfg.tau_end, cfg.ema_every
+        self.wse = self.switch_epoch = cfg.wse
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not 0 <= cfg.wse < cfg.epochs:
+            raise UserError(f"wse must be in [0, epochs={cfg.epochs}), got {cfg.wse}")
+
+    def tau_at(self, epoch: int, step: int) -> float:
+        """The EMA decay used by the update after `step` (global, 1-based) of `epoch`."""
+        if self.ema_every == "step":
+            progress = step / max(self.epochs * self.steps_per_epoch, 1)
+        else:
+            progress = (epoch + 1) / max(self.epochs, 1)
+        return cosine_tau(self.tau, self.tau_end, progress)
+
+    def schedule_info(self, epoch: int) -> Dict[str, Any]:
+        return {"tau": self.tau_at(epoch, (epoch + 1) * self.steps_per_epoch), "wse": self.wse,
+                "ema_every": self.ema_every}
+
+    def refresh(self, epoch: int, online: MAEEncoder) -> bool:
+        if epoch == self.wse:
+            self.encoder = hard_copy(self.encoder, online)
+            return True
+        return False
+
+    @torch.no_grad()
+    def ema_update(self, online: MAEEncoder, tau: float) -> None:
+        """target <- tau * target + (1 - tau) * online, one fused op over all tensors."""
+        torch._foreach_lerp_(_tensors(self.encoder), _tensors(online), 1.0 - tau)
+
+    def on_step_end(self, epoch: int, online: MAEEncoder, global_step: int = 0) -> None:
+        if self.ema_every == "step" and self.uses_features(epoch):
+            self.ema_update(online, self.tau_at(epoch, global_step))
+
+    def on_epoch_end(self, epoch: int, online: MAEEncoder) -> None:
+        if self.ema_every == "epoch" and self.uses_features(epoch):
+            self.ema_update(online, self.tau_at(epoch, 0))
+
+
+@register_target("dual")
+class DualTarget(EMATarget):
+    """The EMA target plus a snapshot (`slow`) refreshed every K epochs from epoch WSE on:
+    loss = L_ema + slow_lambda * L_snapshot, both regressed by the same prediction."""
+    options = EMATarget.options + ("k", "slow_lambda")
+
+    def __init__(self, cfg, steps_per_epoch: int = 1):
+        super().__init__(cfg, steps_per_epoch)
+        self.k, self.slow_lambda = cfg.k, cfg.slow_lambda
+        self.slow: Optional[MAEEncoder] = None
+
+    def schedule_info(self, epoch: int) -> Dict[str, Any]:
+        return {"k": self.k, **super().schedule_info(epoch)}
+
+    def refresh(self, epoch: int, online: MAEEncoder) -> bool:
+        ema = super().refresh(epoch, online)
+        if epoch >= self.wse and (epoch - self.wse) % self.k == 0:
+            self.slow = hard_copy(self.slow, online)
+            return True
+        return ema
+
+    def feature_loss(self, pred, tgt, imgs, mask) -> torch.Tensor:
+        slow = masked_mse(pred, self.feature_target(imgs, self.slow), mask)
+        return super().feature_loss(pred, tgt, imgs, mask) + self.slow_lambda * slow
+
+    def teachers(self) -> Tuple[Optional[MAEEncoder], ...]:
+        return (self.encoder, self.slow)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Also "target_slow": the every-K snapshot's state_dict (None before it exists)."""
+        return {**super().state_dict(), "target_slow": None if self.slow is None else self.slow.state_dict()}
+
+    def load_state_dict(self, ckpt: Dict[str, Any], online: MAEEncoder) -> None:
+        super().load_state_dict(ckpt, online)
+        self.slow = _restored(ckpt.get("target_slow"), online)
+
+
+@register_target("random")
+class RandomTarget(Target):
+    """dBOT's first stage: regress, from epoch 0, the features of a frozen copy of the online
+    encoder taken at the start of epoch 0, before any training (its random init), never updated."""
+    switch_epoch = 0
+
+    def refresh(self, epoch: int, online: MAEEncoder) -> bool:
+        if epoch == 0:
+            self.encoder = hard_copy(self.encoder, online)
+            return True
+        return False

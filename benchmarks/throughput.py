@@ -1,5 +1,5 @@
-"""Throughput benchmark: data path, pretraining step (3 targets, fast vs baseline), fine-tuning
-step, feature extraction. Every number is images/s over `--steps` timed steps after `--warmup`
+"""Throughput benchmark: data path, pretraining step (every registered target, fast vs baseline),
+fine-tuning step, feature extraction. Every number is images/s over `--steps` timed steps after `--warmup`
 untimed ones, with a device sync only at the two ends of the timed region.
 
     python benchmarks/throughput.py                        # auto device, defaults per device
@@ -21,11 +21,11 @@ import main_finetune  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_vit  # noqa: E402
 from models_mae import create_model  # noqa: E402
-from target_encoder import TargetEncoder  # noqa: E402
+from target_encoder import TARGETS, Target, build_target  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
-from dataio.augment import finetune_transform  # noqa: E402
+from dataio.augment import PRETRAIN, finetune_transform  # noqa: E402
 from config import FinetuneConfig, PretrainConfig  # noqa: E402
-from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD, pretrain_transform  # noqa: E402
+from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dataio.in_memory import InMemoryLoader  # noqa: E402
 from dataio.loader import TorchvisionLoader  # noqa: E402
 from util.runtime import autocast, resolve_device, speed_options  # noqa: E402
@@ -66,10 +66,10 @@ def bench_data(images, args, device):
     """Loader alone: in-memory batched crop+flip vs torchvision's per-image PIL pipeline."""
     labels = np.zeros(len(images), dtype=np.int64)
     steps = max(4 * args.steps, 10)
-    mem = InMemoryLoader(images, labels, args.batch_size, device, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    mem = pretrain_loader(images, labels, args.batch_size, device, in_memory=True)
     rows = [dict(bench="data", variant="in_memory", images_per_s=measure(
         lambda b: None, forever(mem), steps, args.warmup, device))]
-    pipelines = [("torchvision", pretrain_transform(32, CIFAR10_MEAN, CIFAR10_STD)),
+    pipelines = [("torchvision", PRETRAIN.torchvision(32, CIFAR10_MEAN, CIFAR10_STD)),
                  ("torchvision_finetune", finetune_transform(FinetuneConfig(), 32, CIFAR10_MEAN, CIFAR10_STD))]
     for name, transform in pipelines:
         for w in args.workers:
@@ -84,7 +84,16 @@ def bench_data(images, args, device):
     return rows
 
 
-def pretrain_step(model, forward, target: TargetEncoder, optimizer, cfg, epoch: int):
+def pretrain_loader(images, labels, batch_size: int, device, in_memory: bool, num_workers: int = 0):
+    """The pretraining recipe's loader: batched on the device, or torchvision's per-image pipeline."""
+    if in_memory:
+        return InMemoryLoader(images, labels, batch_size, device, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                              **PRETRAIN.in_memory())
+    return TorchvisionLoader(images, labels, PRETRAIN.torchvision(32, CIFAR10_MEAN, CIFAR10_STD), batch_size,
+                             device, num_workers=num_workers)
+
+
+def pretrain_step(model, forward, target: Target, optimizer, cfg, epoch: int):
     """One step as engine_pretrain.train_one_epoch runs it (minus lr schedule and logging)."""
     heads = target.heads(epoch)
 
@@ -100,12 +109,13 @@ def pretrain_step(model, forward, target: TargetEncoder, optimizer, cfg, epoch: 
     return step
 
 
-def bench_pretrain(images, args, device, fast: bool, target_name: str):
-    """Pretraining step images/s for one target; fast = in-memory + bf16 + fused AdamW (+compile)."""
+def bench_pretrain(images, args, device, fast: bool, kind: str):
+    """Pretraining step images/s for one target kind, in its first epoch regressing features;
+    fast = in-memory + bf16 + fused AdamW (+compile)."""
     torch.manual_seed(0)
-    cfg = PretrainConfig(model=args.model, batch_size=args.batch_size, lr=1e-4, target=target_name,
+    cfg = PretrainConfig(model=args.model, batch_size=args.batch_size, lr=1e-4, target=kind,
                          precision=args.precision if fast else "fp32", compile=args.compile and fast,
-                         k=1, wse=1, ema_every="step")  # ema: the per-step update is timed too
+                         k=1, wse=1, ema_every="step")  # EMA kinds: the per-step update is timed too
     model = create_model(cfg.model).to(device)
     forward = speed_options(model, cfg, device) if fast else model
     optimizer = main_pretrain.build_optimizer(model, cfg)  # fused on CUDA
@@ -113,21 +123,17 @@ def bench_pretrain(images, args, device, fast: bool, target_name: str):
         groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
                   for g in optimizer.param_groups]
         optimizer = torch.optim.AdamW(groups, fused=False)
-    target = TargetEncoder(target_name, k=cfg.k, tau=cfg.tau, wse=cfg.wse, ema_every=cfg.ema_every)
-    epoch = target.switch_epoch or 0
+    target = build_target(cfg)
+    epoch = target.switch_epoch or 0  # pixel: never switches
     target.on_epoch_start(epoch, model.encoder)  # creates the target encoder: its pass is timed
     labels = np.zeros(len(images), dtype=np.int64)
-    if fast:
-        loader = InMemoryLoader(images, labels, args.batch_size, device, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    else:
-        loader = TorchvisionLoader(images, labels, pretrain_transform(32, CIFAR10_MEAN, CIFAR10_STD),
-                                   args.batch_size, device, num_workers=max(args.workers))
+    loader = pretrain_loader(images, labels, args.batch_size, device, fast, max(args.workers))
     model.train()
     batches = forever(loader)
     rate = measure(pretrain_step(model, forward, target, optimizer, cfg, epoch), batches,
                    args.steps, args.warmup, device)
     batches.close()
-    return dict(bench=f"pretrain_{target_name}", variant="fast" if fast else "baseline",
+    return dict(bench=f"pretrain_{kind}", variant="fast" if fast else "baseline",
                 dtype=dtype_of(cfg.precision, device), images_per_s=rate,
                 s_per_50k_epoch=EPOCH_IMAGES / rate, compile=bool(cfg.compile and device.type == "cuda"))
 
@@ -223,8 +229,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     rows = bench_data(images, args, device)
-    for target_name in ("pixel", "mae_k", "ema"):
-        fast, base = (bench_pretrain(images, args, device, f, target_name) for f in (True, False))
+    for kind in TARGETS:
+        fast, base = (bench_pretrain(images, args, device, f, kind) for f in (True, False))
         fast["ratio"] = fast["images_per_s"] / base["images_per_s"]  # fast / baseline
         rows += [fast, base]
     rows += [bench_finetune(images, args, device), bench_finetune(images, args, device, max(args.workers)),

@@ -12,17 +12,23 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from results.figures import mean_std, pyplot, read_json, read_log
+from results.plans import SCRATCH, load_plan
+from results.plots import pyplot
+from results.runs import mean_std, read_json, read_log
 
 METRICS = ("best_acc1", "last_acc1", "knn_acc")
-BASELINE = "pixel"  # REFERENCE.md section 4: judge every variant against pixel MAE
-# ... and each improvement against the bootstrapped setting it modifies (the report's EMA-MAE)
-REFERENCES = (BASELINE, "ema")
 DELTAS = ("best_acc1", "knn_acc")
 
 
-def collect_study(runs_root: str, names: List[str]) -> Dict[str, dict]:
-    """{row: {"seeds": {seed: {metric: value}}, metric: (mean, std, n) | None, ...}} for finished probes."""
+def references() -> List[str]:
+    """The rows every row is compared with (configs/study/plan.yaml); the first is the baseline."""
+    return list(load_plan("study")["references"])
+
+
+def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = None) -> Dict[str, dict]:
+    """{row: {"seeds": {seed: {metric: value}}, metric: (mean, std, n) | None, ...}} for finished probes,
+    with d_REF_METRIC: the paired differences to each row of `refs` (default: references())."""
+    refs = references() if refs is None else refs
     out: Dict[str, dict] = {}
     for name in names:
         d = os.path.join(runs_root, name)
@@ -43,7 +49,7 @@ def collect_study(runs_root: str, names: List[str]) -> Dict[str, dict]:
             row[k] = mean_std([v.get(k) for v in per_seed.values()])
         out[name] = row
     for name, row in out.items():  # paired over seeds: the seed fixes init, data order and masks
-        for ref in REFERENCES:
+        for ref in refs:
             base = out.get(ref)
             for k in DELTAS:
                 diffs = [] if base is None or name == ref else [
@@ -61,9 +67,9 @@ def _cell(st: Optional[tuple], signed: bool = False) -> str:
     return f"{txt} ± {sd:.2f}" if n > 1 else txt
 
 
-def study_table(stats: Dict[str, dict]) -> str:
+def study_table(stats: Dict[str, dict], refs: Optional[List[str]] = None) -> str:
     """Markdown table of collect_study's result, one line per row in its order."""
-    deltas = [(ref, k) for ref in REFERENCES for k in DELTAS]
+    deltas = [(ref, k) for ref in (references() if refs is None else refs) for k in DELTAS]
     names = {"best_acc1": "probe", "knn_acc": "kNN"}
     lines = ["| row | seeds | probe best acc@1 | probe last acc@1 | kNN acc | "
              + "".join(f"Δ {names[k]} vs {ref} | " for ref, k in deltas) + "target std | pred std |",
@@ -79,16 +85,16 @@ def study_table(stats: Dict[str, dict]) -> str:
 def plot_study(stats: Dict[str, dict], path: str) -> None:
     """Two panels (probe best acc@1, kNN acc): a bar per row, std over seeds, pixel MAE dashed."""
     plt = pyplot()
-    names = list(stats)
+    names, baseline = list(stats), references()[0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
     for ax, key, title in zip(axes, ("best_acc1", "knn_acc"), ("linear probe acc@1 (%)", "kNN acc (%)")):
         vals = [stats[n][key] for n in names]
         means = [v[0] if v else 0.0 for v in vals]
         errs = [v[1] if v else 0.0 for v in vals]
-        colors = ["grey" if n == "scratch" else "tab:blue" if n == BASELINE else "tab:orange" for n in names]
+        colors = ["grey" if n == SCRATCH else "tab:blue" if n == baseline else "tab:orange" for n in names]
         ax.barh(range(len(names)), means, xerr=errs, color=colors, capsize=3)
-        if stats.get(BASELINE, {}).get(key):
-            ax.axvline(stats[BASELINE][key][0], color="tab:blue", ls="--", lw=1)
+        if stats.get(baseline, {}).get(key):
+            ax.axvline(stats[baseline][key][0], color="tab:blue", ls="--", lw=1)
         finite = [m for m, v in zip(means, vals) if v]
         if finite:
             ax.set_xlim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))

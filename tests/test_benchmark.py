@@ -4,6 +4,7 @@ import json
 import os
 
 from conftest import ROOT
+from target_encoder import TARGETS
 
 
 def load_benchmark(name: str = "throughput"):
@@ -21,7 +22,8 @@ def test_throughput_smoke_writes_every_row(tmp_path, capsys):
     found = {(r["bench"], r["variant"]) for r in rows}
     expected = {("data", "in_memory"), ("data", "torchvision_w0"), ("data", "torchvision_finetune_w0"),
                 ("finetune", "precomputed"), ("features", "eval_no_grad")}
-    expected |= {(f"pretrain_{t}", v) for t in ("pixel", "mae_k", "ema") for v in ("fast", "baseline")}
+    expected |= {(f"pretrain_{t}", v) for t in TARGETS for v in ("fast", "baseline")}  # every kind, dual and random too
+    assert {"pixel", "mae_k", "ema", "dual", "random"} <= set(TARGETS)
     assert expected <= found
     for r in rows:
         assert r["images_per_s"] > 0

@@ -59,13 +59,13 @@ POISON_RANK_1 = """
 import os, sys
 sys.path.insert(0, os.getcwd())
 import main_pretrain, target_encoder
-real, calls = target_encoder.TargetEncoder.loss, [0]
+real, calls = target_encoder.Target.loss, [0]
 def poisoned(self, *args):
     loss, stats = real(self, *args)
     calls[0] += 1
     bad = os.environ["RANK"] == "1" and calls[0] in (7, 8)  # epoch 1, steps 1 and 2, one rank only
     return (loss * float("nan") if bad else loss), stats
-target_encoder.TargetEncoder.loss = poisoned
+target_encoder.Target.loss = poisoned
 main_pretrain.main(sys.argv[1:])
 """
 

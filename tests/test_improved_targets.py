@@ -4,9 +4,15 @@ import math
 import pytest
 import torch
 
+from config import PretrainConfig
 from models_mae import create_model, masked_mse
-from target_encoder import TargetEncoder, cosine_tau, pixel_target
+from target_encoder import build_target, cosine_tau, pixel_target
 from conftest import run_main, smoke_args
+
+
+def make(kind, steps_per_epoch=1, **options):
+    """The target `--target KIND` with these options builds (other options: the defaults)."""
+    return build_target(PretrainConfig(target=kind, **options), steps_per_epoch)
 
 
 def test_cosine_tau_schedule_values():
@@ -14,7 +20,7 @@ def test_cosine_tau_schedule_values():
     assert cosine_tau(0.99, 0.999, 0.0) == pytest.approx(0.99)
     assert cosine_tau(0.99, 0.999, 0.5) == pytest.approx(0.9945)
     assert cosine_tau(0.99, 0.999, 1.0) == pytest.approx(0.999)
-    t = TargetEncoder("ema", tau=0.9, tau_end=0.99, ema_every="step", epochs=4, steps_per_epoch=10)
+    t = make("ema", tau=0.9, tau_end=0.99, ema_every="step", epochs=4, steps_per_epoch=10)
     assert t.tau_at(1, 10) == pytest.approx(0.99 - 0.09 * (math.cos(math.pi * 0.25) + 1) / 2)
     t.ema_every = "epoch"
     assert t.tau_at(3, 0) == pytest.approx(0.99)  # the update after the last epoch
@@ -23,13 +29,13 @@ def test_cosine_tau_schedule_values():
 def test_per_step_ema_uses_scheduled_tau():
     torch.manual_seed(0)
     model = create_model("mae_vit_smoke_patch4")
-    t = TargetEncoder("ema", wse=0, tau=0.5, tau_end=0.9, ema_every="step", epochs=1, steps_per_epoch=2)
+    t = make("ema", wse=0, tau=0.5, tau_end=0.9, ema_every="step", epochs=1, steps_per_epoch=2)
     t.on_epoch_start(0, model.encoder)
     old = {k: v.clone() for k, v in t.encoder.state_dict().items()}
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)
-    t.on_step_end(0, model.encoder, step=1)  # progress 0.5 -> tau 0.7
+    t.on_step_end(0, model.encoder, 1)  # progress 0.5 -> tau 0.7
     k = "blocks.0.attn.qkv.weight"
     online = model.encoder.state_dict()[k]
     assert torch.allclose(t.encoder.state_dict()[k], 0.7 * old[k] + 0.3 * online, atol=1e-6)
@@ -38,7 +44,7 @@ def test_per_step_ema_uses_scheduled_tau():
 def _target(**kw):
     torch.manual_seed(0)
     model = create_model("mae_vit_smoke_patch4")
-    t = TargetEncoder("ema", wse=0, **kw)
+    t = make("ema", wse=0, **kw)
     t.on_epoch_start(0, model.encoder)
     return model, t
 
@@ -70,7 +76,7 @@ def test_pixel_weight_and_feature_ramp_change_loss_as_specified():
     torch.manual_seed(0)
     model = create_model("mae_vit_smoke_patch4")
     imgs = torch.randn(2, 3, 32, 32)
-    t = TargetEncoder("ema", wse=1, pixel_weight=0.5, feature_ramp=4)
+    t = make("ema", wse=1, pixel_weight=0.5, feature_ramp=4)
     t.on_epoch_start(1, model.encoder)
     assert t.heads(1) == ("feature", "pixel") and t.heads(0) == ("pixel",)
     preds, mask = model(imgs, 0.75, t.heads(1))
@@ -84,7 +90,7 @@ def test_pixel_weight_and_feature_ramp_change_loss_as_specified():
 def test_dual_uses_one_online_forward_and_both_targets():
     torch.manual_seed(0)
     model = create_model("mae_vit_smoke_patch4")
-    t = TargetEncoder("dual", wse=1, k=2, tau=0.5, slow_lambda=0.2)
+    t = make("dual", wse=1, k=2, tau=0.5, slow_lambda=0.2)
     for e in range(3):  # snapshot refreshed at 1 and 3; EMA created at 1, updated each epoch
         t.on_epoch_start(e, model.encoder)
         with torch.no_grad():

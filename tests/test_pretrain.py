@@ -71,7 +71,7 @@ def test_target_sees_the_same_augmented_tensor(cifar_root, tmp_path, monkeypatch
     seen = {"model": [], "target": []}
     import models_mae
     orig_fwd = models_mae.MaskedAutoencoderViT.forward
-    orig_tgt = target_encoder.TargetEncoder.feature_target
+    orig_tgt = target_encoder.Target.feature_target
 
     def fwd(self, imgs, *a, **k):
         seen["model"].append(imgs)
@@ -82,7 +82,7 @@ def test_target_sees_the_same_augmented_tensor(cifar_root, tmp_path, monkeypatch
         return orig_tgt(self, imgs)
 
     monkeypatch.setattr(models_mae.MaskedAutoencoderViT, "forward", fwd)
-    monkeypatch.setattr(target_encoder.TargetEncoder, "feature_target", tgt)
+    monkeypatch.setattr(target_encoder.Target, "feature_target", tgt)
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--target", "ema", "--wse", "1"))
     steps = 160 // 32
     assert len(seen["target"]) == steps  # epoch 1 only

@@ -152,6 +152,29 @@ def test_dry_run_commands_parse(scale, monkeypatch, tmp_path):
         assert seen["ema_wse0"].wse == 0 and seen["ema_wse80"].wse == 1 and seen["mae_k20"].k == 1
 
 
-def test_unknown_row_is_an_error():
-    with pytest.raises(SystemExit, match="not rows of plan"):
-        reproduce.main(["--only", "nope", "--dry_run"])
+@pytest.mark.parametrize("argv,says", [
+    (["--device", "foo"], "device must be"),
+    (["--output_root", "FILE"], "is a file, not a folder"),
+    (["--output_root", "FILE/sub"], "is a file, not a folder"),
+    (["--figures_dir", "FILE"], "is a file, not a folder"),
+    (["--train_subset", "-1"], "--train_subset must be >= 0"),
+    (["--pretrain_epochs", "-3"], "--pretrain_epochs must be >= 0"),
+    (["--only", "nope"], "not rows of plan 'report': nope"),
+    (["--plan", "study", "--only", "mae_k10"], "not rows of plan 'study': mae_k10"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--seeds", "two"], "invalid int value"),
+    (["--plan", "banana"], "invalid choice"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_bad_input_is_one_line_and_exit_2(argv, says, dry_run, tmp_path, capsys, monkeypatch):
+    """reproduce.py's own bad input: one line on stderr, exit 2, no usage block, nothing run."""
+    file = tmp_path / "a_file"
+    file.write_text("")
+    monkeypatch.setattr(reproduce, "run_stage", lambda *a: pytest.fail("a stage ran"))
+    argv = [a.replace("FILE", str(file)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(argv + (["--dry_run"] if dry_run else []))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and says in err and err.startswith("error: ")
+    assert len(err.splitlines()) == 1 and "usage" not in err and "Traceback" not in err
+    assert not out
