@@ -215,11 +215,7 @@ class PretrainConfig(RunConfig):
 def check_target(cfg: "PretrainConfig") -> None:
     """The target kind's own rules (e.g. ema: 0 <= wse < epochs), written by its class."""
     from target_encoder import TARGETS
-    # getattr/isinstance: tolerate the pre-registry target_encoder (a tuple of names) until the
-    # registry lands in history; then this is `TARGETS[cfg.target].check_config(cfg)`.
-    check = getattr(TARGETS[cfg.target], "check_config", None) if isinstance(TARGETS, dict) else None
-    if check is not None:
-        check(cfg)
+    TARGETS[cfg.target].check_config(cfg)
 
 
 @dataclass
@@ -498,7 +494,3 @@ def parse_config(cls: type, section: str, argv: Optional[List[str]] = None):
     cfg.validate(sources)
     return cfg
 
-
-def save_yaml(cfg_dict: Dict[str, Any], path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg_dict, f, sort_keys=False)
