@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from target_encoder import PixelTarget
 from util.errors import UserError
 
 # The largest --seed: every seed derived from it (util.runtime.epoch_seed, for any realistic
@@ -165,7 +166,7 @@ class PretrainConfig(RunConfig):
                      cli_choices=False)
     mask_ratio: float = opt(0.75, "fraction of patches removed", gt=0, lt=1)
     norm_pix_loss: bool = opt(False, "regress per-patch normalised pixels (MAE's option)")
-    target: str = opt("pixel", "reconstruction target, a kind in target_encoder.TARGETS",
+    target: str = opt(PixelTarget.kind, "reconstruction target, a kind in target_encoder.TARGETS",
                       "target_encoder.TARGETS")
     k: int = opt(10, "mae_k: refresh the target encoder every K epochs (pixels before epoch K)", ge=1)
     tau: float = opt(0.995, "ema: target = tau * target + (1 - tau) * online (0.995 = slow)", ge=0, lt=1)

@@ -35,7 +35,7 @@ from dataio.augment import PRETRAIN  # noqa: E402
 from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dataio.fake import make_images, write_fake_cifar10  # noqa: E402
 from dataio.loader import build_train_loader  # noqa: E402
-from target_encoder import TARGETS  # noqa: E402
+from target_encoder import TARGETS, EMATarget, PixelTarget  # noqa: E402
 from util.nonfinite import NonFiniteGuard  # noqa: E402
 from util.runtime import resolve_device, resolve_precision  # noqa: E402
 from util.trainer import Step  # noqa: E402
@@ -126,7 +126,7 @@ def training(scale: dict, device: torch.device, out: str, compile_: bool) -> Lis
     """Short real runs, pixel and ema, then a resume; returns the failures (empty: all good)."""
     data = write_fake_cifar10(os.path.join(out, "data"), per_batch=scale["per_batch"], test_size=256)
     failures = []
-    for name in ("pixel", "ema"):
+    for name in (PixelTarget.kind, EMATarget.kind):
         run_dir = os.path.join(out, f"train_{name}")
         common = ["--data_path", data, "--output_dir", run_dir, "--model", scale["model"], "--target", name,
                   "--wse", str(scale["switch"]), "--batch_size", str(scale["batch"]), "--warmup_epochs", "1",
@@ -141,7 +141,7 @@ def training(scale: dict, device: torch.device, out: str, compile_: bool) -> Lis
             "finite loss": bool(log) and all(math.isfinite(r["loss"]) for r in log),
             "resumed": "resumed from" in again.stdout and [r["epoch"] for r in log] == list(range(scale["epochs"] + 1)),
             "checkpoint": os.path.isfile(os.path.join(run_dir, f"checkpoint-{scale['epochs'] + 1}.pth")),
-            "switch": name == "pixel" or [r["regress"] for r in log][scale["switch"]] == "feature",
+            "switch": name == PixelTarget.kind or [r["regress"] for r in log][scale["switch"]] == "feature",
         }
         bad = [k for k, v in ok.items() if not v]
         losses = " ".join(f"{r['loss']:.3f}" for r in log)
