@@ -5,7 +5,6 @@
     python main_finetune.py --from_scratch                                     # the random-init baseline
     python main_finetune.py                                                    # newest pretraining run under output/
 """
-import os
 
 import torch
 from timm.data import Mixup

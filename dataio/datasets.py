@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
@@ -431,39 +429,3 @@ def dataset_stats(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     if name not in STATS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(STATS)}")
     return STATS[name]
-
-
-class ArrayDataset(Dataset):
-    """uint8 images (N, H, W, C) + labels through a per-image PIL transform (the classic path)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        img = self.images[i]
-        img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)  # grayscale: mode "L"
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.labels[i])
-
-
-def pretrain_transform(img_size: int, mean, std) -> transforms.Compose:
-    """RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + normalisation (MAE's)."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std)])
-
-
-def eval_transform(mean, std) -> transforms.Compose:
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-def seeded_generator(seed: int, epoch: int) -> torch.Generator:
-    """The data order and worker seeds of an epoch depend only on (seed, epoch): exact resume."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)

@@ -97,23 +97,24 @@ def test_output_dir_not_utf8(cifar_root, tmp_path, capsys, script):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this build has MPS")
-def test_device_mps_without_mps(cifar_root, tmp_path, capsys):
+def test_device_mps_without_mps(cifar_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # as on any non-Apple build
     _expect_one_line_exit_2(capsys, PRETRAIN, smoke_args(cifar_root, tmp_path / "o", "--device", "mps"),
                             "--device mps requested but MPS is not available")
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_device_cuda_without_cuda(cifar_root, tmp_path, capsys, device):
+def test_device_cuda_without_cuda(cifar_root, tmp_path, capsys, device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _expect_one_line_exit_2(capsys, FINETUNE, smoke_args(cifar_root, tmp_path / "o", "--device", device),
                             f"--device {device} requested but CUDA is not available")
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_device_cuda_index_beyond_the_machine(cifar_root, tmp_path, capsys):
-    n = torch.cuda.device_count()
+def test_device_cuda_index_beyond_the_machine(cifar_root, tmp_path, capsys, monkeypatch):
+    n = 2  # a simulated 2-GPU machine: the check runs before any CUDA call
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
     _expect_one_line_exit_2(capsys, PRETRAIN, smoke_args(cifar_root, tmp_path / "o", "--device", f"cuda:{n}"),
                             f"this machine has {n} CUDA device(s)")

@@ -7,7 +7,6 @@ import gzip
 import os
 import pickle
 import re
-import shutil
 import urllib.error
 
 import numpy as np
