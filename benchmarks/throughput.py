@@ -28,7 +28,7 @@ from config import FinetuneConfig, PretrainConfig  # noqa: E402
 from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dataio.in_memory import InMemoryLoader  # noqa: E402
 from dataio.loader import TorchvisionLoader  # noqa: E402
-from util.runtime import autocast, resolve_device, speed_options  # noqa: E402
+from util.runtime import PRECISIONS, autocast, resolve_device, resolve_precision, speed_options  # noqa: E402
 
 EPOCH_IMAGES = 50_000  # CIFAR-10 train set
 
@@ -135,7 +135,7 @@ def bench_pretrain(images, args, device, fast: bool, kind: str):
     batches.close()
     return dict(bench=f"pretrain_{kind}", variant="fast" if fast else "baseline",
                 dtype=dtype_of(cfg.precision, device), images_per_s=rate,
-                s_per_50k_epoch=EPOCH_IMAGES / rate, compile=bool(cfg.compile and device.type == "cuda"))
+                s_per_50k_epoch=EPOCH_IMAGES / rate, compile=bool(cfg.compile))
 
 
 def bench_finetune(images, args, device, loader_workers=None):
@@ -197,8 +197,8 @@ def bench_features(images, args, device):
 
 
 def dtype_of(precision: str, device: torch.device) -> str:
-    """What autocast actually runs in (bf16 is CUDA-only here)."""
-    return "bf16" if precision == "bf16" and device.type == "cuda" else "fp32"
+    """What autocast actually runs in (util.runtime.autocast: bf16 on CUDA and CPU)."""
+    return "bf16" if precision == "bf16" and device.type in ("cuda", "cpu") else "fp32"
 
 
 def parse(argv):
@@ -210,10 +210,12 @@ def parse(argv):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 10 CUDA)")
     p.add_argument("--images", type=int, default=10000, help="random uint8 32x32 images")
     p.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default 0 2 on CPU)")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="fast path autocast (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast path (CUDA only)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="fast path autocast (auto: bf16 where the device runs it natively)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path (CUDA and CPU)")
     p.add_argument("--json", default="", help="write the rows here as a list of dicts")
     args = p.parse_args(argv)
+    args.precision = resolve_precision(args.precision, resolve_device(args.device))
     cuda = resolve_device(args.device).type == "cuda"
     args.batch_size = args.batch_size or (512 if cuda else 64)
     args.steps = args.steps or (50 if cuda else 5)
