@@ -1,4 +1,4 @@
-"""util/gpu_loader.py: order and sharding, box distribution, pixel parity with torchvision."""
+"""dataio/in_memory.py: order and sharding, box distribution, pixel parity with torchvision."""
 
 import numpy as np
 import pytest
