@@ -87,6 +87,11 @@ class RunConfig:
                                         "torchvision: per-image PIL transforms in workers",
                            "dataio.loader.DATA_LOADERS")
     num_workers: int = opt(4, "DataLoader worker processes (torchvision pipeline)", ge=0)
+    norm_mean: str = opt("", "per-channel input mean, comma-separated, 0-1 scale (empty: the dataset's; "
+                             "fine-tuning/probing: the pretraining run's)")
+    norm_std: str = opt("", "per-channel input std, comma-separated (empty: the dataset's; fine-tuning/"
+                            "probing: the pretraining run's). E.g. the widely copied CIFAR-10 "
+                            "0.2023,0.1994,0.2010 instead of the true 0.2470,0.2435,0.2616")
     # optimisation
     epochs: int = opt(100, "training epochs", ge=1)
     batch_size: int = opt(512, "images per step (per GPU under torchrun)", ge=1)
@@ -126,6 +131,8 @@ class RunConfig:
         if self.warmup_epochs > self.epochs:
             raise UserError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         check_device(self.device)
+        from dataio.datasets import normalization
+        normalization(self)  # raises on a malformed --norm_mean / --norm_std
 
     def resolve(self, world_size: int = 1) -> None:
         """Fill values derived from others, so the saved config holds what actually ran."""
@@ -183,6 +190,16 @@ class PretrainConfig(RunConfig):
     feature_ramp: int = opt(0, "after the switch, ramp the feature loss weight to 1 over this many epochs",
                             ge=0)
     slow_lambda: float = opt(0.2, "dual: weight of the every-K snapshot loss", ge=0)
+    # Recipe details an independent loop of the same method chose differently (issue 17,
+    # docs/RESULTS.md section 3): each is an option, the default being official MAE's choice.
+    wd_norm_bias: bool = opt(False, "weight-decay every parameter (LayerNorm gains, biases, cls and mask "
+                                    "tokens); default: matrices only, as official MAE")
+    crop_interpolation: str = opt("bicubic", "resampling of the pretraining crop (bilinear_uint8: bilinear, "
+                                             "rounded back to uint8 like resampling the uint8 image)",
+                                  "dataio.augment.INTERPOLATIONS")
+    feature_head_init: str = opt("xavier", "init of the feature head: xavier (as every other Linear, "
+                                           "official MAE) or torch (nn.Linear's default)",
+                                 "models_mae.HEAD_INITS")
     epochs: int = opt(200, "pretraining epochs", ge=1)
     warmup_epochs: int = opt(40, "linear warm-up epochs before the cosine decay", ge=0)
     knn_every: int = opt(0, "run the kNN monitor every N epochs and at the end (0: never)", ge=0)

@@ -75,7 +75,7 @@ class Pretraining:
         self.target.on_epoch_end(epoch, self.model.encoder)
         if dist.world() > 1 and not dist.all_equal(self.target.checksum().to(self.device)):
             raise SystemExit(f"error: target encoders differ across ranks after epoch {epoch}")
-        record = {**self.target.describe(epoch), "target_refreshed": self.refreshed}
+        record = {**self.target.describe(epoch), **self.target.health(), "target_refreshed": self.refreshed}
         cfg = self.cfg
         if cfg.compile:  # new heads at the switch epoch mean new graphs: counted, so they show
             record["compiled_graphs"] = compiled_graphs()

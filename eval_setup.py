@@ -83,6 +83,17 @@ def setup_eval_run(cfg, kind: str):
     return device, start, own
 
 
+def inherit_normalization(cfg, pretrained: dict) -> None:
+    """Unset --norm_mean/--norm_std take the pretraining run's values (same dataset only): the
+    encoder is evaluated on inputs scaled as it learned them."""
+    if pretrained.get("dataset") != cfg.dataset:
+        return
+    for key in ("norm_mean", "norm_std"):
+        if not getattr(cfg, key) and pretrained.get(key):
+            setattr(cfg, key, pretrained[key])
+            print(f"{key} {pretrained[key]} (from the pretraining run)")
+
+
 def prepare_run(cfg, kind: str):
     """Resolve start, output directory, own checkpoint (auto-resume) and model name, in place.
 
@@ -98,6 +109,7 @@ def prepare_run(cfg, kind: str):
     if own is not None:
         cfg.model = own["config"]["model"]
         start.init = own.get("init")
+        inherit_normalization(cfg, own["config"])
     elif start.init_ckpt is not None:
         pretrained = start.init_ckpt["config"]["model"]
         encoder = encoder_name_for(pretrained)
@@ -105,6 +117,7 @@ def prepare_run(cfg, kind: str):
             raise UserError(f"{start.init}: architecture mismatch, pretrained {pretrained} has encoder "
                             f"{encoder} but --model is {cfg.model}")
         cfg.model = encoder
+        inherit_normalization(cfg, start.init_ckpt["config"])
     else:
         cfg.model = cfg.model or DEFAULT_MODEL
     return start, own

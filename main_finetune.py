@@ -14,7 +14,7 @@ from timm.optim import param_groups_layer_decay
 import models_vit
 from config import FinetuneConfig, parse_config
 from dataio.augment import finetune_transform
-from dataio.datasets import dataset_stats, load_splits
+from dataio.datasets import normalization, load_splits
 from dataio.loader import EvalLoader, TorchvisionLoader
 from engine_finetune import Classification
 from eval_setup import setup_eval_run
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         raise UserError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
 
     train_x, train_y, test_x, test_y, num_classes = load_splits(cfg)
-    mean, std = dataset_stats(cfg.dataset)
+    mean, std = normalization(cfg)
     img_size, in_chans = train_x.shape[1], train_x.shape[3]
 
     model = models_vit.create_model(cfg.model, num_classes=num_classes, global_pool=cfg.global_pool,

@@ -10,7 +10,7 @@ from timm.optim import Lars
 import models_vit
 from config import LinprobeConfig, parse_config
 from dataio.augment import NO_AUGMENT, PROBE
-from dataio.datasets import dataset_stats, load_splits
+from dataio.datasets import normalization, load_splits
 from dataio.loader import EvalLoader, TensorLoader, build_train_loader
 from engine_eval import extract_features, knn_accuracy
 from engine_finetune import Classification
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     cfg = parse_config(LinprobeConfig, "linprobe", argv)
     device, start, own = setup_eval_run(cfg, "linprobe")
     train_x, train_y, test_x, test_y, num_classes = load_splits(cfg)
-    mean, std = dataset_stats(cfg.dataset)
+    mean, std = normalization(cfg)
     probe = build_probe(cfg, start, own, num_classes, train_x.shape[1], train_x.shape[3], device)
 
     test_loader = EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std)

@@ -7,6 +7,7 @@
 
 Rerunning the same command with the same output directory resumes from checkpoint-last.pth.
 """
+import dataclasses
 import os
 from typing import Callable, Optional
 
@@ -15,7 +16,7 @@ from timm.optim import param_groups_weight_decay
 
 from config import PretrainConfig, parse_config
 from dataio.augment import PRETRAIN
-from dataio.datasets import dataset_stats, load_dataset, load_train
+from dataio.datasets import normalization, load_dataset, load_train
 from dataio.loader import EvalLoader, build_train_loader
 from engine_eval import extract_features, knn_accuracy
 from engine_pretrain import Pretraining
@@ -33,9 +34,13 @@ RESUME_KEYS = ("model", "optimizer", "config", "epoch", "step")  # what continui
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter, both heads included, from step 0."""
-    groups = param_groups_weight_decay(
-        model, cfg.weight_decay, no_weight_decay_list=("encoder.cls_token", "mask_token"))
+    """AdamW over every trainable parameter, both heads included, from step 0. Weight decay on
+    matrices only (official MAE), or on everything with --wd_norm_bias."""
+    if cfg.wd_norm_bias:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    else:
+        groups = param_groups_weight_decay(
+            model, cfg.weight_decay, no_weight_decay_list=("encoder.cls_token", "mask_token"))
     fused = next(model.parameters()).is_cuda  # one kernel for all tensors on CUDA
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
@@ -68,7 +73,8 @@ def find_resume(cfg) -> Optional[str]:
 
 def build_engine(cfg, device, train_set, mean, std, steps_per_epoch: int) -> Pretraining:
     images, labels, _ = train_set
-    model = create_model(cfg.model, img_size=images.shape[1], in_chans=images.shape[3]).to(device)
+    model = create_model(cfg.model, img_size=images.shape[1], in_chans=images.shape[3],
+                         feature_head_init=cfg.feature_head_init).to(device)
     if cfg.target_layers > len(model.encoder.blocks):
         raise UserError(f"target_layers {cfg.target_layers} exceeds the encoder depth {len(model.encoder.blocks)}")
     forward = model
@@ -97,8 +103,9 @@ def main(argv=None) -> None:
     if len(images) < cfg.batch_size * dist.world():
         raise UserError(f"batch_size {cfg.batch_size} x {dist.world()} ranks is larger than the dataset "
                         f"({len(images)} images)")
-    mean, std = dataset_stats(cfg.dataset)
-    loader = build_train_loader(cfg, images, train_set[1], device, mean, std, PRETRAIN)
+    mean, std = normalization(cfg)
+    augment = dataclasses.replace(PRETRAIN, interpolation=cfg.crop_interpolation)
+    loader = build_train_loader(cfg, images, train_set[1], device, mean, std, augment)
     engine = build_engine(cfg, device, train_set, mean, std, len(loader))
     if ckpt is not None:
         check_input_channels(ckpt["model"], images.shape[3], resume, key="encoder.patch_embed.proj.weight",

@@ -121,6 +121,11 @@ class MAEEncoder(nn.Module):
         return self.forward_features(imgs)
 
 
+# Initialisations of the feature head (--feature_head_init): xavier like every other Linear
+# (official MAE), or nn.Linear's default.
+HEAD_INITS = ("xavier", "torch")
+
+
 class MaskedAutoencoderViT(nn.Module):
     """MAE: masked ViT encoder + transformer decoder with a pixel head and a feature head.
 
@@ -131,8 +136,11 @@ class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-                 mlp_ratio: float = 4.0, norm_layer: Callable[..., nn.Module] = LayerNorm):
+                 mlp_ratio: float = 4.0, norm_layer: Callable[..., nn.Module] = LayerNorm,
+                 feature_head_init: str = "xavier"):
         super().__init__()
+        if feature_head_init not in HEAD_INITS:
+            raise ValueError(f"feature_head_init must be one of {HEAD_INITS}, not {feature_head_init!r}")
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.encoder = MAEEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads,
@@ -152,15 +160,17 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred_feat = nn.Linear(decoder_embed_dim, embed_dim)  # feature head
         self.heads = {"pixel": "decoder_pred", "feature": "decoder_pred_feat"}
         assert num_patches == grid * grid
-        self.initialize_weights()
+        self.initialize_weights(feature_head_init)
 
-    def initialize_weights(self) -> None:
+    def initialize_weights(self, feature_head_init: str = "xavier") -> None:
         # The patch projection is a linear map on flattened patches: init it like one.
         w = self.encoder.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
+        if feature_head_init == "torch":  # nn.Linear's own init: kaiming-uniform(a=sqrt 5), uniform bias
+            self.decoder_pred_feat.reset_parameters()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-from results.plans import PLAN_NAMES, ROOT, plan_dir, plan_rows, read_yaml, row_config
+from results.plans import PLAN_NAMES, ROOT, plan_dir, plan_rows, read_yaml, row_config, uses_study_recipe
 from util.errors import UserError, cli
 
 SMOKE = os.path.join("configs", "smoke.yaml")
@@ -99,7 +99,7 @@ class Row:
         self.scratch = bool((raw.get("finetune") or {}).get("from_scratch")) or not self.pretrain
 
     def stages(self) -> Tuple[str, ...]:
-        if self.plan == "study":
+        if uses_study_recipe(self.plan):
             return STUDY_STAGES[1:] if self.scratch else STUDY_STAGES
         return STAGES[1:] if self.scratch else STAGES
 
@@ -128,14 +128,17 @@ def study_command(row: Row, stage: str, seed: int, args) -> List[str]:
             cmd += ["--finetune", os.path.join(run_dir, "pretrain", "checkpoint-last.pth")]
     cmd += _flags(vals)
     cmd += ["--output_dir", os.path.join(run_dir, stage), "--seed", str(seed), "--data_path", args.data_path]
-    if args.device:
-        cmd += ["--device", args.device]
-    return cmd
+    return cmd + _shared_flags(args)
+
+
+def _shared_flags(args) -> List[str]:
+    """Flags reproduce.py hands to every stage unchanged."""
+    return _flags({"device": args.device or None, "precision": args.precision or None})
 
 
 def stage_command(row: Row, stage: str, seed: int, args) -> List[str]:
     """argv (without the interpreter) of one stage."""
-    if row.plan == "study":
+    if uses_study_recipe(row.plan):
         return study_command(row, stage, seed, args)
     run_dir = os.path.join(args.output_root, row.name, f"seed{seed}")
     out = os.path.join(run_dir, stage)
@@ -158,9 +161,7 @@ def stage_command(row: Row, stage: str, seed: int, args) -> List[str]:
     cmd += ["--output_dir", out, "--seed", str(seed)]
     if args.data_path:
         cmd += ["--data_path", args.data_path]
-    if args.device:
-        cmd += ["--device", args.device]
-    return cmd
+    return cmd + _shared_flags(args)
 
 
 def configured_epochs(stage: str, argv: List[str]) -> int:
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_path", default="", help="dataset root passed to every stage (default: the scripts')")
     p.add_argument("--output_root", default="", help="default: output/PLAN")
     p.add_argument("--device", default="", help="passed to every stage (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--precision", default="", help="passed to every stage (auto, bf16, fp32); default: the scripts'")
     p.add_argument("--figures_dir", default="", help="where figures and results.md go "
                                                     "(default: report_figures/; study: OUTPUT_ROOT)")
     p.add_argument("--no_figures", action="store_true", help="skip the figures at the end")
@@ -277,9 +279,9 @@ def check_args(args) -> List[str]:
     if unknown:
         raise UserError(f"not rows of plan {args.plan!r}: {', '.join(unknown)} "
                         f"(choose from {', '.join(PLANS[args.plan])})")
-    if args.device:  # the scripts' own rule, checked now rather than at the first stage
+    if args.device or args.precision:  # the scripts' own rules, checked now rather than at the first stage
         from config import SECTIONS, parse_config
-        parse_config(SECTIONS["pretrain"], "pretrain", ["--device", args.device])
+        parse_config(SECTIONS["pretrain"], "pretrain", _shared_flags(args))
     _check_folder("--output_root", args.output_root)
     if args.figures_dir:
         _check_folder("--figures_dir", args.figures_dir)
@@ -318,10 +320,10 @@ def run_row(row: Row, seed: int, args) -> Optional[str]:
 
 def write_outputs(args, names: List[str]) -> None:
     """The study's table and figure, or the report's figures and results.md."""
-    if args.plan == "study":
+    if uses_study_recipe(args.plan):
         from results.study import write_study
         fig_dir = _path_arg(args.figures_dir) if args.figures_dir else args.output_root
-        written = write_study(os.path.join(ROOT, args.output_root), names, os.path.join(ROOT, fig_dir))
+        written = write_study(os.path.join(ROOT, args.output_root), names, os.path.join(ROOT, fig_dir), args.plan)
         with open(written[0]) as f:
             print(f.read())
         print(f"[reproduce] wrote {', '.join(os.path.relpath(w, ROOT) for w in written)}")
@@ -337,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.output_root = _path_arg(args.output_root or os.path.join("output", args.plan))
     names = check_args(args)
-    if args.plan == "study" and not args.data_path:
+    if uses_study_recipe(args.plan) and not args.data_path:
         args.data_path = STUDY_DATA
     if args.data_path:
         args.data_path = _path_arg(args.data_path)

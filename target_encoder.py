@@ -152,6 +152,7 @@ class Target:
         self.target_prenorm = cfg.target_prenorm
         self.pixel_weight, self.feature_ramp = cfg.pixel_weight, cfg.feature_ramp
         self.encoder: Optional[MAEEncoder] = None  # the target encoder, once there is one
+        self.last_target: Optional[torch.Tensor] = None  # the last step's targets, for `health`
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -185,6 +186,11 @@ class Target:
         if features and (self.pixel_weight > 0 or self.feature_ramp > 0):
             info.update(feature_weight=self.feature_weight(epoch), pixel_weight=self.pixel_weight)
         return info
+
+    def health(self) -> Dict[str, float]:
+        """Collapse signals of the last batch's regression targets (pixels or features), for the
+        epoch's log line; {} before any step."""
+        return {} if self.last_target is None else token_health(self.last_target)
 
     # ---- updates ------------------------------------------------------------------------------
     def refresh(self, epoch: int, online: MAEEncoder) -> bool:
@@ -255,6 +261,7 @@ class Target:
             if self.pixel_weight > 0:
                 pix = pixel_target(model.patchify(imgs), self.norm_pix_loss)
                 loss = loss + self.pixel_weight * masked_mse(preds[PIXEL_HEAD], pix, mask)
+        self.last_target = tgt.detach()  # for `health` at the epoch's end (one reference, no copy)
         # Spread of targets and predictions across tokens: a collapsing target shows here first.
         stats = {"target_std": tgt.detach().float().std(dim=(0, 1)).mean(),
                  "pred_std": pred.detach().float().std(dim=(0, 1)).mean()}
@@ -282,6 +289,23 @@ class Target:
     def load_state_dict(self, ckpt: Dict[str, Any], online: MAEEncoder) -> None:
         """Restore from a whole checkpoint dict; `online` gives the architecture to copy into."""
         self.encoder = _restored(ckpt.get("target"), online)
+
+
+@torch.no_grad()
+def token_health(tokens: torch.Tensor) -> Dict[str, float]:
+    """How many directions a batch of tokens spans. tokens: (N, L, D).
+
+    target_erank: effective rank (Roy & Vetterli, 2007) of the centred (N*L, D) token matrix,
+        exp of the entropy of its normalised singular values: D for isotropic tokens, 1 when
+        all variation lies on one line. A slow collapse shows here before target_std falls.
+    target_min_channel_std: the smallest per-channel std (0: a dead channel).
+    """
+    x = tokens.reshape(-1, tokens.shape[-1]).float()
+    x = x - x.mean(dim=0)
+    s = torch.linalg.svdvals(x)
+    p = s / s.sum().clamp_min(1e-12)
+    erank = torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
+    return {"target_erank": float(erank), "target_min_channel_std": float(x.std(dim=0).min())}
 
 
 # ---- the kinds ----------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ from PIL import ImageOps
 from timm.data import auto_augment, create_transform
 from torchvision import transforms
 
-INTERPOLATIONS = ("bicubic", "bilinear")
+# Crop resampling. "bilinear_uint8" rounds the resampled image back to uint8 (clamped), as
+# resampling the uint8 image itself does (PIL, or a loop that augments before normalising);
+# the other two keep the resampled values in float. PIL (the torchvision loader) always rounds.
+INTERPOLATIONS = ("bicubic", "bilinear", "bilinear_uint8")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Augment:
         if self.scale is not None:
             steps.append(transforms.RandomResizedCrop(
                 img_size, scale=self.scale, ratio=self.ratio,
-                interpolation=transforms.InterpolationMode(self.interpolation)))
+                interpolation=transforms.InterpolationMode(self.interpolation.removesuffix("_uint8"))))
         if self.flip:
             steps.append(transforms.RandomHorizontalFlip())
         return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])

@@ -424,6 +424,29 @@ def load_splits(cfg):
     return train_x, train_y, test_x, test_y, num_classes
 
 
+def normalization(cfg) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The (mean, std) a run normalises with: cfg.norm_mean / cfg.norm_std where given
+    (comma-separated, one value per channel), else the dataset's. Raises UserError if malformed."""
+    mean, std = dataset_stats(cfg.dataset)
+    return (_channel_values("norm_mean", cfg.norm_mean, len(mean), cfg.dataset) or mean,
+            _channel_values("norm_std", cfg.norm_std, len(std), cfg.dataset, positive=True) or std)
+
+
+def _channel_values(flag: str, text: str, channels: int, dataset: str, positive: bool = False):
+    """'0.2,0.3,0.4' -> (0.2, 0.3, 0.4), checked: `channels` finite values (> 0 if positive)."""
+    if not text.strip():
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected {channels} comma-separated numbers")
+    if len(values) != channels:
+        raise UserError(f"{flag} {text!r}: {dataset} images have {channels} channel(s), got {len(values)} values")
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        raise UserError(f"{flag} {text!r}: values must be finite{' and > 0' if positive else ''}")
+    return values
+
+
 def dataset_stats(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Per-channel mean and std used for normalisation: C values each, C = the images' channels."""
     if name not in STATS:

@@ -62,7 +62,7 @@ def sample_boxes(n: int, H: int, W: int, scale: Sequence[float], ratio: Sequence
 def _kernel(d: torch.Tensor, interpolation: str) -> torch.Tensor:
     """Interpolation weight at distance d: PyTorch's bicubic (A = -0.75) or the linear hat."""
     d = d.abs()
-    if interpolation == "bilinear":
+    if interpolation.startswith("bilinear"):
         return (1 - d).clamp_(min=0)
     # The two cubic pieces are 0 at d = 1 and the outer one is 0 at d = 2, so clamping d into
     # each piece's range replaces masks (torch.where is slow on CPU).
@@ -138,6 +138,8 @@ def crop_resize(images: torch.Tensor, boxes: Optional[Boxes], flip_mask: Optiona
         x = torch.bmm(rows, x.view(B * C, H, -1)).view(B, C, *out_size)
         # Bicubic overshoots; the PIL pipeline's uint8 output is clamped to 0..255, so clamp too.
         x = x.clamp_(0, 255)
+        if interpolation == "bilinear_uint8":  # back to uint8 values, as resampling a uint8 image does
+            x = x.round_()
     mean = mean.to(x.device, x.dtype).view(1, C, 1, 1)
     std = std.to(x.device, x.dtype).view(1, C, 1, 1)
     return x.div_(255).sub_(mean).div_(std)
@@ -148,7 +150,7 @@ class InMemoryLoader:
 
     images (N, H, W, C) uint8, labels (N,) int64. Yields (imgs (B, C, H, W) float32 normalised,
     labels (B,) int64), both on `device`. Augmentation: RandomResizedCrop(scale, ratio) back to
-    HxW with `interpolation` ('bicubic' as in MAE, or 'bilinear'), then a horizontal flip with
+    HxW with `interpolation` ('bicubic' as in MAE, 'bilinear', or 'bilinear_uint8': rounded to uint8), then a horizontal flip with
     probability 1/2. With world_size > 1 each rank takes the shard perm[rank::world_size] of
     the same epoch permutation, trimmed (drop_last) or wrapped (not drop_last) to equal length,
     as DistributedSampler does.

@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLAN_NAMES = ("report", "study")
+PLAN_NAMES = ("report", "study", "ablation")
 SCRATCH = "scratch"  # the family of a row without pretraining (random init)
 
 
@@ -24,6 +24,12 @@ def read_yaml(rel: str) -> Dict[str, Any]:
 def load_plan(plan: str) -> Dict[str, Any]:
     """configs/PLAN/plan.yaml: {"rows": [NAME, ...], ...}."""
     return read_yaml(os.path.join(plan_dir(plan), "plan.yaml"))
+
+
+def uses_study_recipe(plan: str) -> bool:
+    """Plans with `recipe: study` run the study's pretrain -> cached probe + kNN on Fashion-MNIST
+    (reproduce.STUDY_RECIPE) and its table; the others the report's three stages."""
+    return load_plan(plan).get("recipe") == "study"
 
 
 def plan_rows(plan: str) -> List[str]:

@@ -18,11 +18,13 @@ from results.runs import mean_std, read_json, read_log
 
 METRICS = ("best_acc1", "last_acc1", "knn_acc")
 DELTAS = ("best_acc1", "knn_acc")
+# Collapse signals from the last pretraining epoch's log line (target_encoder.Target.health).
+HEALTH = ("target_std", "pred_std", "target_erank")
 
 
-def references() -> List[str]:
-    """The rows every row is compared with (configs/study/plan.yaml); the first is the baseline."""
-    return list(load_plan("study")["references"])
+def references(plan: str = "study") -> List[str]:
+    """The rows every row is compared with (configs/PLAN/plan.yaml); the first is the baseline."""
+    return list(load_plan(plan)["references"])
 
 
 def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = None) -> Dict[str, dict]:
@@ -42,10 +44,10 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
             vals = {k: float(res[k]) for k in METRICS if res.get(k) is not None}
             log = read_log(os.path.join(d, sd, "pretrain", "log.txt"))
             if log:  # last pretraining epoch: how spread out targets and predictions still are
-                vals.update({k: float(log[-1][k]) for k in ("target_std", "pred_std") if k in log[-1]})
+                vals.update({k: float(log[-1][k]) for k in HEALTH if k in log[-1]})
             per_seed[int(sd[4:])] = vals
         row: Dict[str, object] = {"seeds": per_seed}
-        for k in METRICS + ("target_std", "pred_std"):
+        for k in METRICS + HEALTH:
             row[k] = mean_std([v.get(k) for v in per_seed.values()])
         out[name] = row
     for name, row in out.items():  # paired over seeds: the seed fixes init, data order and masks
@@ -72,20 +74,20 @@ def study_table(stats: Dict[str, dict], refs: Optional[List[str]] = None) -> str
     deltas = [(ref, k) for ref in (references() if refs is None else refs) for k in DELTAS]
     names = {"best_acc1": "probe", "knn_acc": "kNN"}
     lines = ["| row | seeds | probe best acc@1 | probe last acc@1 | kNN acc | "
-             + "".join(f"Δ {names[k]} vs {ref} | " for ref, k in deltas) + "target std | pred std |",
-             "|---" * (7 + len(deltas)) + "|"]
+             + "".join(f"Δ {names[k]} vs {ref} | " for ref, k in deltas) + "target std | pred std | target erank |",
+             "|---" * (8 + len(deltas)) + "|"]
     for name, st in stats.items():
         lines.append(f"| {name} | {len(st['seeds'])} | {_cell(st['best_acc1'])} | {_cell(st['last_acc1'])} | "
                      f"{_cell(st['knn_acc'])} | "
                      + "".join(f"{_cell(st[f'd_{ref}_{k}'], True)} | " for ref, k in deltas)
-                     + f"{_cell(st['target_std'])} | {_cell(st['pred_std'])} |")
+                     + f"{_cell(st['target_std'])} | {_cell(st['pred_std'])} | {_cell(st['target_erank'])} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_study(stats: Dict[str, dict], path: str) -> None:
-    """Two panels (probe best acc@1, kNN acc): a bar per row, std over seeds, pixel MAE dashed."""
+def plot_study(stats: Dict[str, dict], path: str, baseline: str) -> None:
+    """Two panels (probe best acc@1, kNN acc): a bar per row, std over seeds, `baseline` dashed."""
     plt = pyplot()
-    names, baseline = list(stats), references()[0]
+    names = list(stats)
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
     for ax, key, title in zip(axes, ("best_acc1", "knn_acc"), ("linear probe acc@1 (%)", "kNN acc (%)")):
         vals = [stats[n][key] for n in names]
@@ -107,14 +109,16 @@ def plot_study(stats: Dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
-def write_study(runs_root: str, names: List[str], out_dir: str) -> List[str]:
-    """Write study_results.md/.json and study.png into OUT_DIR; returns their paths."""
-    stats = collect_study(runs_root, names)
+def write_study(runs_root: str, names: List[str], out_dir: str, plan: str = "study") -> List[str]:
+    """Write study_results.md/.json and study.png into OUT_DIR, each row compared with the
+    plan's references; returns their paths."""
+    refs = references(plan)
+    stats = collect_study(runs_root, names, refs)
     os.makedirs(out_dir, exist_ok=True)
     md, js, png = (os.path.join(out_dir, f) for f in ("study_results.md", "study_results.json", "study.png"))
     with open(md, "w") as f:
-        f.write(f"# Study results ({os.path.basename(os.path.normpath(runs_root))})\n\n" + study_table(stats))
+        f.write(f"# Study results ({os.path.basename(os.path.normpath(runs_root))})\n\n" + study_table(stats, refs))
     with open(js, "w") as f:
         json.dump(stats, f, indent=2)
-    plot_study(stats, png)
+    plot_study(stats, png, refs[0])
     return [md, js, png]

@@ -129,5 +129,5 @@ def test_study_stats_are_paired_over_seeds(tmp_path):
     assert st["missing"]["best_acc1"] is None
     lines = study_table(st).splitlines()
     assert lines[3].startswith("| ema | 2 | 57.50 ± 7.78 |") and "+2.50 ± 0.71" in lines[3]
-    assert lines[2].count("|") == lines[0].count("|") == lines[1].count("|") == 12
+    assert lines[2].count("|") == lines[0].count("|") == lines[1].count("|") == 13  # 12 columns
     assert lines[4].startswith("| missing | 0 | - |")
