@@ -87,6 +87,8 @@ class RunConfig:
                                         "torchvision: per-image PIL transforms in workers",
                            "dataio.loader.DATA_LOADERS")
     num_workers: int = opt(4, "DataLoader worker processes (torchvision pipeline)", ge=0)
+    input_size: int = opt(32, "image side the model sees (CIFAR/Fashion-MNIST: 32, their native size; "
+                              "image_folder: any, e.g. 224 for ImageNet)", ge=1)
     norm_mean: str = opt("", "per-channel input mean, comma-separated, 0-1 scale (empty: the dataset's; "
                              "fine-tuning/probing: the pretraining run's)")
     norm_std: str = opt("", "per-channel input std, comma-separated (empty: the dataset's; fine-tuning/"
@@ -95,6 +97,8 @@ class RunConfig:
     # optimisation
     epochs: int = opt(100, "training epochs", ge=1)
     batch_size: int = opt(512, "images per step (per GPU under torchrun)", ge=1)
+    accum_iter: int = opt(1, "accumulate gradients over this many steps per optimizer step "
+                             "(effective batch = batch_size x accum_iter x GPUs)", ge=1)
     blr: float = opt(1e-3, "base learning rate: lr = blr * global batch / 256", gt=0)
     lr: Optional[float] = opt(None, "absolute learning rate; overrides blr when set", gt=0)
     min_lr: float = opt(0.0, "floor of the cosine schedule", ge=0)
@@ -137,7 +141,7 @@ class RunConfig:
     def resolve(self, world_size: int = 1) -> None:
         """Fill values derived from others, so the saved config holds what actually ran."""
         if self.lr is None:
-            self.lr = self.blr * self.batch_size * world_size / 256
+            self.lr = self.blr * self.batch_size * self.accum_iter * world_size / 256  # the effective batch
         if not self.output_dir:
             self.output_dir = os.path.join("output", self.default_run_name())
 
@@ -214,11 +218,11 @@ class PretrainConfig(RunConfig):
 
     def check_mask_ratio(self) -> None:
         """At least one patch kept and one removed, counted as models_mae.random_masking does."""
-        from dataio.datasets import IMAGE_SIZE
         from models_mae import num_patches
-        total = num_patches(self.model, IMAGE_SIZE)
+        size = self.input_size
+        total = num_patches(self.model, size)
         keep = int(total * (1 - self.mask_ratio))
-        shape = f"of the {total} patches of {self.model} on {IMAGE_SIZE}x{IMAGE_SIZE} images"
+        shape = f"of the {total} patches of {self.model} on {size}x{size} images"
         if keep == 0:
             raise UserError(f"mask_ratio {self.mask_ratio} keeps none {shape}; at most {1 - 1 / total:.6g} "
                             f"keeps one")
@@ -285,9 +289,8 @@ class FinetuneConfig(EvalConfig):
         """Build timm's fine-tuning transform now, as the run will: a policy timm rejects
         (aa: foo) fails here in one line, not in a worker mid-epoch."""
         from dataio.augment import finetune_transform
-        from dataio.datasets import IMAGE_SIZE
         try:
-            finetune_transform(self, IMAGE_SIZE, (0.5,) * 3, (0.5,) * 3)
+            finetune_transform(self, self.input_size, (0.5,) * 3, (0.5,) * 3)
         except Exception as e:  # timm asserts (AssertionError) or raises ValueError/KeyError
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"aa {self.aa!r} is not a RandAugment policy timm accepts ({why}); e.g. "
