@@ -1,12 +1,17 @@
 """Throughput benchmark: data path, pretraining step (every registered target, fast vs baseline),
-fine-tuning step, feature extraction. Every number is images/s over `--steps` timed steps after `--warmup`
-untimed ones, with a device sync only at the two ends of the timed region.
+precision comparison (every target: fp32 eager vs bf16 eager vs bf16 + torch.compile), fine-tuning
+step, feature extraction. Every number is images/s over `--steps` timed steps after `--warmup`
+untimed ones (compilation happens in the warm-up), with a device sync only at the two ends of the
+timed region. Pretraining rows time the project's own step: main_pretrain.build_engine ->
+engine_pretrain.Pretraining.train_step.
 
-    python benchmarks/throughput.py                        # auto device, defaults per device
+    python benchmarks/throughput.py                        # auto device, defaults per device, every bench
     python benchmarks/throughput.py --device cpu --model mae_vit_smoke_patch4 --json out.json
     python benchmarks/throughput.py --device cuda --compile --batch_size 512
+    python benchmarks/throughput.py --bench precision      # fp32 / bf16 / bf16+compile ratios only
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -21,16 +26,21 @@ import main_finetune  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_vit  # noqa: E402
 from models_mae import create_model  # noqa: E402
-from target_encoder import TARGETS, Target, build_target  # noqa: E402
+from target_encoder import TARGETS  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 from dataio.augment import PRETRAIN, finetune_transform  # noqa: E402
 from config import FinetuneConfig, PretrainConfig  # noqa: E402
 from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dataio.in_memory import InMemoryLoader  # noqa: E402
-from dataio.loader import TorchvisionLoader  # noqa: E402
+from dataio.loader import TorchvisionLoader, build_train_loader  # noqa: E402
+from util.nonfinite import NonFiniteGuard  # noqa: E402
 from util.runtime import PRECISIONS, autocast, resolve_device, resolve_precision, speed_options  # noqa: E402
+from util.trainer import Step  # noqa: E402
 
 EPOCH_IMAGES = 50_000  # CIFAR-10 train set
+BENCHES = ("data", "pretrain", "precision", "finetune", "features")  # --bench choices, in run order
+# The precision comparison's variants, (name, precision, compile); the first is the reference.
+PRECISION_VARIANTS = (("fp32_eager", "fp32", False), ("bf16_eager", "bf16", False), ("bf16_compile", "bf16", True))
 
 
 def sync(device: torch.device) -> None:
@@ -48,11 +58,15 @@ def forever(loader):
         epoch += 1
 
 
-def measure(step, batches, steps: int, warmup: int, device: torch.device) -> float:
-    """images/s of `step(batch)` over `steps` batches drawn from `batches`, after `warmup` ones."""
+def measure(step, batches, steps: int, warmup: int, device: torch.device, timings=None) -> float:
+    """images/s of `step(batch)` over `steps` batches drawn from `batches`, after `warmup` ones
+    (their seconds, compilation included, go to timings["warmup_s"] when a dict is given)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step(next(batches))
     sync(device)
+    if timings is not None:
+        timings["warmup_s"] = time.perf_counter() - t0
     t0, n = time.perf_counter(), 0
     for _ in range(steps):
         batch = next(batches)
@@ -66,7 +80,8 @@ def bench_data(images, args, device):
     """Loader alone: in-memory batched crop+flip vs torchvision's per-image PIL pipeline."""
     labels = np.zeros(len(images), dtype=np.int64)
     steps = max(4 * args.steps, 10)
-    mem = pretrain_loader(images, labels, args.batch_size, device, in_memory=True)
+    mem = InMemoryLoader(images, labels, args.batch_size, device, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                         **PRETRAIN.in_memory())
     rows = [dict(bench="data", variant="in_memory", images_per_s=measure(
         lambda b: None, forever(mem), steps, args.warmup, device))]
     pipelines = [("torchvision", PRETRAIN.torchvision(32, CIFAR10_MEAN, CIFAR10_STD)),
@@ -84,58 +99,94 @@ def bench_data(images, args, device):
     return rows
 
 
-def pretrain_loader(images, labels, batch_size: int, device, in_memory: bool, num_workers: int = 0):
-    """The pretraining recipe's loader: batched on the device, or torchvision's per-image pipeline."""
-    if in_memory:
-        return InMemoryLoader(images, labels, batch_size, device, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                              **PRETRAIN.in_memory())
-    return TorchvisionLoader(images, labels, PRETRAIN.torchvision(32, CIFAR10_MEAN, CIFAR10_STD), batch_size,
-                             device, num_workers=num_workers)
+def pretrain_config(args, device, kind: str, precision: str, compile_: bool, data_loader: str = "in_memory"):
+    """The pretraining recipe timed for one target kind. k = wse = 1 and a per-step EMA update,
+    so that at the switch epoch the target pass and the EMA update are inside the timed step."""
+    return PretrainConfig(model=args.model, batch_size=args.batch_size, lr=1e-4, target=kind, epochs=10,
+                          warmup_epochs=0, k=1, wse=1, ema_every="step", precision=precision,
+                          compile=compile_, data_loader=data_loader, num_workers=max(args.workers),
+                          device=device.type)
 
 
-def pretrain_step(model, forward, target: Target, optimizer, cfg, epoch: int):
-    """One step as engine_pretrain.train_one_epoch runs it (minus lr schedule and logging)."""
-    heads = target.heads(epoch)
+def engine_step(cfg, images, labels, device, steps_per_epoch: int):
+    """The project's own pretraining step for `cfg`: main_pretrain.build_engine, then
+    Pretraining.train_step at the target's first feature epoch (pixel: epoch 0), where the
+    target encoder exists and its pass is part of the step. Returns (engine, step(batch))."""
+    if cfg.compile:
+        torch._dynamo.reset()  # fresh graphs per measured variant: never the recompile limit's eager fallback
+    torch.manual_seed(0)
+    engine = main_pretrain.build_engine(cfg, device, (images, labels, 10), CIFAR10_MEAN, CIFAR10_STD,
+                                        steps_per_epoch)
+    epoch = engine.target.switch_epoch or 0
+    engine.begin_epoch(epoch, resumed=False)  # creates the target encoder (and compiles it with --compile)
+    guard, count = NonFiniteGuard(), itertools.count(1)
 
     def step(batch):
-        imgs = batch[0]
-        with autocast(imgs.device, cfg.precision):
-            preds, mask = forward(imgs, cfg.mask_ratio, heads)
-            loss, _ = target.loss(model, imgs, preds, mask, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        target.on_step_end(epoch, model.encoder)
-    return step
+        k = next(count)
+        engine.train_step(batch, Step(epoch, k, k, guard))
+    return engine, step
 
 
 def bench_pretrain(images, args, device, fast: bool, kind: str):
-    """Pretraining step images/s for one target kind, in its first epoch regressing features;
-    fast = in-memory + bf16 + fused AdamW (+compile)."""
-    torch.manual_seed(0)
-    cfg = PretrainConfig(model=args.model, batch_size=args.batch_size, lr=1e-4, target=kind,
-                         precision=args.precision if fast else "fp32", compile=args.compile and fast,
-                         k=1, wse=1, ema_every="step")  # EMA kinds: the per-step update is timed too
-    model = create_model(cfg.model).to(device)
-    forward = speed_options(model, cfg, device) if fast else model
-    optimizer = main_pretrain.build_optimizer(model, cfg)  # fused on CUDA
-    if not fast:  # the plain multi-tensor AdamW
-        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
-                  for g in optimizer.param_groups]
-        optimizer = torch.optim.AdamW(groups, fused=False)
-    target = build_target(cfg)
-    epoch = target.switch_epoch or 0  # pixel: never switches
-    target.on_epoch_start(epoch, model.encoder)  # creates the target encoder: its pass is timed
+    """Pretraining step images/s for one target kind, in its first epoch regressing features.
+    fast: in-memory loader, --precision, fused AdamW on CUDA, --compile; baseline: torchvision's
+    per-image pipeline, fp32 eager, the plain multi-tensor AdamW. Both run the engine's step."""
+    cfg = pretrain_config(args, device, kind, args.precision if fast else "fp32", args.compile and fast,
+                          "in_memory" if fast else "torchvision")
     labels = np.zeros(len(images), dtype=np.int64)
-    loader = pretrain_loader(images, labels, args.batch_size, device, fast, max(args.workers))
-    model.train()
+    loader = build_train_loader(cfg, images, labels, device, CIFAR10_MEAN, CIFAR10_STD, PRETRAIN)
+    engine, step = engine_step(cfg, images, labels, device, len(loader))
+    if not fast:  # the same parameter groups, without the fused kernel
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
+                  for g in engine.optimizer.param_groups]
+        engine.optimizer = torch.optim.AdamW(groups, fused=False)
     batches = forever(loader)
-    rate = measure(pretrain_step(model, forward, target, optimizer, cfg, epoch), batches,
-                   args.steps, args.warmup, device)
+    rate = measure(step, batches, args.steps, args.warmup, device)
     batches.close()
     return dict(bench=f"pretrain_{kind}", variant="fast" if fast else "baseline",
                 dtype=dtype_of(cfg.precision, device), images_per_s=rate,
                 s_per_50k_epoch=EPOCH_IMAGES / rate, compile=bool(cfg.compile))
+
+
+def bench_precision(images, args, device):
+    """fp32 eager vs bf16 eager vs bf16 + torch.compile of the engine's pretraining step, for
+    every registered target, on the same few pre-drawn in-memory batches (the step alone, no
+    loader cost). The three variants of a target are timed in turn, --repeats rounds, and each
+    keeps its best round (a shared machine's load hits them alike); ratio = that variant's
+    img/s / fp32 eager's img/s of the same target."""
+    labels = np.zeros(len(images), dtype=np.int64)
+    rows = []
+    for kind in TARGETS:
+        runs, rates, warmups = {}, {}, {}
+        for variant, precision, compile_ in PRECISION_VARIANTS:
+            cfg = pretrain_config(args, device, kind, precision, compile_)
+            loader = build_train_loader(cfg, images, labels, device, CIFAR10_MEAN, CIFAR10_STD, PRETRAIN)
+            runs[variant] = engine_step(cfg, images, labels, device, len(loader))[1], first_batches(loader, 4)
+        for round_ in range(args.repeats):
+            for variant, (step, batches) in runs.items():
+                timings, warmup = {}, 0 if round_ else max(args.warmup, 1)  # compilation: never timed
+                rate = measure(step, itertools.cycle(batches), args.steps, warmup, device, timings)
+                rates[variant] = max(rate, rates.get(variant, 0.0))
+                warmups.setdefault(variant, timings["warmup_s"])
+        rows += [precision_row(kind, variant, precision, compile_, device, rates, warmups)
+                 for variant, precision, compile_ in PRECISION_VARIANTS]
+    return rows
+
+
+def precision_row(kind, variant, precision, compile_, device, rates, warmups):
+    """One precision row; printed as it is made (a CPU run of the report's model takes minutes)."""
+    rate, reference = rates[variant], rates[PRECISION_VARIANTS[0][0]]
+    print(f"{kind:8s} {variant:14s} {rate:10.1f} img/s  x{rate / reference:.2f} vs fp32 eager  "
+          f"(warm-up {warmups[variant]:.1f}s)", flush=True)
+    return dict(bench=f"precision_{kind}", variant=variant, dtype=dtype_of(precision, device), compile=compile_,
+                images_per_s=rate, s_per_50k_epoch=EPOCH_IMAGES / rate, ratio=rate / reference,
+                warmup_s=warmups[variant])
+
+
+def first_batches(loader, count: int):
+    """The loader's first `count` batches of epoch 0, made once (they are replayed, not re-drawn)."""
+    loader.set_epoch(0)
+    return list(itertools.islice(iter(loader), count))
 
 
 def bench_finetune(images, args, device, loader_workers=None):
@@ -213,8 +264,17 @@ def parse(argv):
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="fast path autocast (auto: bf16 where the device runs it natively)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path (CUDA and CPU)")
+    p.add_argument("--bench", nargs="+", default=list(BENCHES), choices=BENCHES,
+                   help="which comparisons to run (default: all); precision = fp32 eager vs bf16 eager vs "
+                        "bf16+compile of the pretraining step, every target")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="precision bench: timed rounds per variant, taken in turn; the best is kept")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads (default: torch's choice); 1 = steadier on a shared CPU")
     p.add_argument("--json", default="", help="write the rows here as a list of dicts")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.precision = resolve_precision(args.precision, resolve_device(args.device))
     cuda = resolve_device(args.device).type == "cuda"
     args.batch_size = args.batch_size or (512 if cuda else 64)
@@ -224,32 +284,51 @@ def parse(argv):
     return args
 
 
-def main(argv=None):
-    """Run every benchmark, print the table, write --json; returns the rows."""
-    args = parse(argv)
-    device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-    rows = bench_data(images, args, device)
-    for kind in TARGETS:
-        fast, base = (bench_pretrain(images, args, device, f, kind) for f in (True, False))
-        fast["ratio"] = fast["images_per_s"] / base["images_per_s"]  # fast / baseline
-        rows += [fast, base]
-    rows += [bench_finetune(images, args, device), bench_finetune(images, args, device, max(args.workers)),
-             bench_features(images, args, device)]
-    for r in rows:
-        r.update(device=name, batch_size=args.batch_size, model=args.model, steps=args.steps)
+def run_benches(images, args, device):
+    """The rows of every bench in --bench, in BENCHES order."""
+    rows = []
+    if "data" in args.bench:
+        rows += bench_data(images, args, device)
+    if "pretrain" in args.bench:
+        for kind in TARGETS:
+            fast, base = (bench_pretrain(images, args, device, f, kind) for f in (True, False))
+            fast["ratio"] = fast["images_per_s"] / base["images_per_s"]  # fast / baseline
+            rows += [fast, base]
+    if "precision" in args.bench:
+        rows += bench_precision(images, args, device)
+    if "finetune" in args.bench:
+        rows += [bench_finetune(images, args, device), bench_finetune(images, args, device, max(args.workers))]
+    if "features" in args.bench:
+        rows.append(bench_features(images, args, device))
+    return rows
+
+
+def print_table(rows, args) -> None:
+    """One line per row, what the ratios mean, and seconds per 50k-image epoch."""
     print(f"\n{args.model}, torch {torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"{'bench':<16}{'variant':<28}{'device':<24}{'batch':>6} {'dtype':<6}{'img/s':>10}{'ratio':>8}")
+    print(f"{'bench':<20}{'variant':<26}{'device':<24}{'batch':>6} {'dtype':<6}{'img/s':>10}{'ratio':>8}")
     for r in rows:
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
-        print(f"{r['bench']:<16}{r['variant']:<28}{r['device']:<24}{r['batch_size']:>6} {r['dtype']:<6}"
+        print(f"{r['bench']:<20}{r['variant']:<26}{r['device']:<24}{r['batch_size']:>6} {r['dtype']:<6}"
               f"{r['images_per_s']:>10.1f}{ratio:>8}")
-    print("ratio: data rows = in_memory / that loader; pretrain fast rows = fast / baseline")
+    print("ratio: data rows = in_memory / that loader; pretrain fast rows = fast / baseline; "
+          "precision rows = that variant / fp32_eager of the same target")
     for r in rows:
         if "s_per_50k_epoch" in r:
             print(f"{r['bench']} {r['variant']}: {EPOCH_IMAGES} / {r['images_per_s']:.1f} img/s "
                   f"= {r['s_per_50k_epoch']:.1f} s per 50k-image epoch")
+
+
+def main(argv=None):
+    """Run the benchmarks --bench names, print the table, write --json; returns the rows."""
+    args = parse(argv)
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+    rows = run_benches(images, args, device)
+    for r in rows:
+        r.update(device=name, batch_size=args.batch_size, model=args.model, steps=args.steps)
+    print_table(rows, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,8 +1,14 @@
 """benchmarks/throughput.py runs end to end on CPU and reports every row it promises."""
 import importlib.util
 import json
+import math
 import os
+from collections import Counter
 
+import pytest
+import torch
+
+import engine_pretrain
 from conftest import ROOT
 from target_encoder import TARGETS
 
@@ -17,7 +23,8 @@ def load_benchmark(name: str = "throughput"):
 def test_throughput_smoke_writes_every_row(tmp_path, capsys):
     out = tmp_path / "rows.json"
     load_benchmark().main(["--device", "cpu", "--model", "mae_vit_smoke_patch4", "--batch_size", "16",
-                           "--steps", "2", "--warmup", "1", "--images", "512", "--workers", "0", "--json", str(out)])
+                           "--steps", "2", "--warmup", "1", "--images", "512", "--workers", "0", "--json", str(out),
+                           "--bench", "data", "pretrain", "finetune", "features"])
     rows = json.loads(out.read_text())
     found = {(r["bench"], r["variant"]) for r in rows}
     expected = {("data", "in_memory"), ("data", "torchvision_w0"), ("data", "torchvision_finetune_w0"),
@@ -32,6 +39,40 @@ def test_throughput_smoke_writes_every_row(tmp_path, capsys):
         if r["variant"] == "fast" or r["bench"] == "data" and r["variant"] != "in_memory":
             assert r["ratio"] > 0
     assert "s per 50k-image epoch" in capsys.readouterr().out
+
+
+def test_precision_comparison_times_the_engine_step_for_every_target(tmp_path, capsys, monkeypatch):
+    """--bench precision: fp32 eager, bf16 eager and bf16 + torch.compile, every registered target,
+    each a ratio against fp32 eager of the same target, all timing Pretraining.train_step itself.
+    Speed is not asserted (bf16 is emulated on a CPU without AVX512-BF16)."""
+    calls = Counter()
+    real_step = engine_pretrain.Pretraining.train_step
+
+    def counted(self, batch, step):
+        compiled = isinstance(self.forward, torch._dynamo.eval_frame.OptimizedModule)
+        calls[self.cfg.target, self.cfg.precision, self.cfg.compile, compiled] += 1
+        return real_step(self, batch, step)
+    monkeypatch.setattr(engine_pretrain.Pretraining, "train_step", counted)
+    out = tmp_path / "rows.json"
+    rows = load_benchmark().main(["--device", "cpu", "--model", "mae_vit_smoke_patch4", "--bench", "precision",
+                                  "--batch_size", "8", "--steps", "1", "--warmup", "1", "--images", "64",
+                                  "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    variants = {"fp32_eager": ("fp32", False), "bf16_eager": ("bf16", False), "bf16_compile": ("bf16", True)}
+    by = {(r["bench"], r["variant"]): r for r in rows}
+    assert set(by) == {(f"precision_{t}", v) for t in TARGETS for v in variants} and len(rows) == len(by)
+    for t in TARGETS:
+        reference = by[f"precision_{t}", "fp32_eager"]["images_per_s"]
+        for v, (dtype, compiled) in variants.items():
+            r = by[f"precision_{t}", v]
+            assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
+            assert (r["dtype"], r["compile"], r["model"]) == (dtype, compiled, "mae_vit_smoke_patch4")
+            assert r["ratio"] == pytest.approx(r["images_per_s"] / reference) and r["ratio"] > 0
+            assert calls[t, dtype, compiled, compiled] == 2  # warm-up + timed step, the engine's own
+    assert sum(calls.values()) == 2 * len(rows)
+    printed = capsys.readouterr().out
+    assert "precision rows = that variant / fp32_eager of the same target" in printed
+    assert "precision_pixel     bf16_compile" in printed
 
 
 def test_probe_recipe_runs_each_setting(cifar_root, tmp_path, monkeypatch, capsys):
