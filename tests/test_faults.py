@@ -224,3 +224,20 @@ def test_finetune_nan_stops_without_saving(cifar_root, tmp_path, monkeypatch):
         run_main("main_finetune", *smoke_args(cifar_root, tmp_path, "--from_scratch", "--epochs", "2",
                                               "--skip_nonfinite", "3"))
     assert "after skipping 3 bad steps" in str(e.value.code)
+
+
+def test_rerun_after_an_option_was_added_continues(cifar_root, tmp_path, capsys):
+    """A run saved before an option existed ran as its default: rerunning the command after the
+    upgrade continues it; asking for another value of the new option is a different run."""
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0"))
+    path = tmp_path / "checkpoint-last.pth"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["config"]["wd_norm_bias"], ckpt["config"]["feature_head_init"]  # as saved by an older version
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit) as e:
+        run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "2", "--warmup_epochs", "0",
+                                              "--wd_norm_bias"))
+    assert e.value.code == 2 and "wd_norm_bias: False -> True" in capsys.readouterr().err
+    run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "2", "--warmup_epochs", "0"))
+    with open(tmp_path / "log.txt") as f:
+        assert len(f.readlines()) == 2

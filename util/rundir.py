@@ -55,7 +55,8 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def check_same_run(cfg_dict: Dict[str, Any], output_dir: str, resume: Optional[str],
-                   resume_config: Optional[Dict[str, Any]], explicit: bool) -> None:
+                   resume_config: Optional[Dict[str, Any]], explicit: bool,
+                   defaults: Optional[Dict[str, Any]] = None) -> None:
     """Refuse to mix two runs in `output_dir`.
 
     - continuing the directory's own checkpoint-last.pth implicitly (rerunning a command): its
@@ -73,7 +74,8 @@ def check_same_run(cfg_dict: Dict[str, Any], output_dir: str, resume: Optional[s
             raise UserError(f"{output_dir} already holds another run ({last}); resuming {resume} there "
                             f"would overwrite it: use a new --output_dir")
         return
-    saved = resume_config or {}
+    # A key the saved config lacks is an option added since that run: it ran as the default.
+    saved = {**(defaults or {}), **(resume_config or {})}
     differ = sorted(k for k in set(saved) | set(cfg_dict)
                     if k not in NEUTRAL_KEYS and saved.get(k) != cfg_dict.get(k))
     if differ:
@@ -91,7 +93,8 @@ def prepare_output_dir(cfg, resume: Optional[str] = None, resume_ckpt: Optional[
     write: False on ranks that never write (torchrun ranks > 0).
     """
     check_same_run(cfg.to_dict(), cfg.output_dir, resume, (resume_ckpt or {}).get("config"),
-                   explicit=bool(cfg.resume) and resume is not None and _same_path(cfg.resume, resume))
+                   explicit=bool(cfg.resume) and resume is not None and _same_path(cfg.resume, resume),
+                   defaults=type(cfg)().to_dict())
     if write:
         ensure_writable(cfg.output_dir)
         sweep_stale_temp(cfg.output_dir)
