@@ -9,12 +9,14 @@ Shapes used throughout (N images, L = (H/p)*(W/p) patches, D encoder width):
     mask:   (N, L)             0 is keep, 1 is remove
 """
 from functools import partial
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
+
+from models_arch import MAE_PREFIX, Arch, ArchModels
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -237,21 +239,14 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum()
 
 
-def _mae(**kwargs) -> Callable[..., MaskedAutoencoderViT]:
-    def build(**overrides) -> MaskedAutoencoderViT:
-        return MaskedAutoencoderViT(**{**kwargs, **overrides})
-    return build
+def _build_mae(arch: Arch, **overrides) -> MaskedAutoencoderViT:
+    arch.grid(overrides.get("img_size", 32))  # refuse a side the patch does not divide
+    return MaskedAutoencoderViT(**{**arch.mae_kwargs(), **overrides})
 
 
-# Registry for --model. The report's model: DeiT-Tiny encoder on 4x4 patches of 32x32
-# images, 512-wide 8-block decoder. The smoke model (~0.3M parameters) exists so that the
-# whole pipeline runs in seconds on a CPU.
-MODELS: Dict[str, Callable[..., MaskedAutoencoderViT]] = {
-    "mae_vit_tiny_patch4": _mae(embed_dim=192, depth=12, num_heads=3,
-                                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "mae_vit_smoke_patch4": _mae(embed_dim=64, depth=4, num_heads=4,
-                                 decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
-}
+# Registry for --model: "mae_<name>" for every architecture in models_arch.ARCHS (the numbers
+# live there, shared with the classifiers of models_vit).
+MODELS: Mapping[str, Callable[..., MaskedAutoencoderViT]] = ArchModels(MAE_PREFIX, _build_mae)
 
 
 def create_model(name: str, **overrides) -> MaskedAutoencoderViT:

@@ -3,35 +3,35 @@
 The pretraining encoder (`models_mae.MAEEncoder`) uses timm's attribute names, so its
 state_dict loads here directly: only the decoder and the MAE's heads are dropped.
 """
+import math
 from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from models_arch import MAE_PREFIX, Arch, ArchModels
 from util.errors import UserError
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def _vit(**arch) -> Callable[..., VisionTransformer]:
-    def build(num_classes: int = 10, global_pool: bool = False, drop_path_rate: float = 0.0,
-              img_size: int = 32, in_chans: int = 3) -> VisionTransformer:
-        # global_pool=True: average patch tokens, then a fresh fc_norm (MAE's fine-tuning
-        # default); False: the cls token after the pretrained final norm.
-        return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes,
-                                 global_pool="avg" if global_pool else "token",
-                                 drop_path_rate=drop_path_rate, qkv_bias=True,
-                                 norm_layer=LayerNorm, **arch)
-    return build
+def _build_vit(arch: Arch, num_classes: int = 10, global_pool: bool = False, drop_path_rate: float = 0.0,
+               img_size: int = 32, in_chans: int = 3) -> VisionTransformer:
+    arch.grid(img_size)  # refuse a side the patch does not divide
+    # global_pool=True: average patch tokens, then a fresh fc_norm (MAE's fine-tuning
+    # default); False: the cls token after the pretrained final norm.
+    return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                             global_pool="avg" if global_pool else "token",
+                             drop_path_rate=drop_path_rate, qkv_bias=True,
+                             norm_layer=LayerNorm, **arch.encoder_kwargs())
 
 
-# Encoders matching models_mae.MODELS: "mae_<name>" pretrains into "<name>".
-MODELS: Dict[str, Callable[..., VisionTransformer]] = {
-    "vit_tiny_patch4": _vit(patch_size=4, embed_dim=192, depth=12, num_heads=3),
-    "vit_smoke_patch4": _vit(patch_size=4, embed_dim=64, depth=4, num_heads=4),
-}
+# Encoders matching models_mae.MODELS ("mae_<name>" pretrains into "<name>"), built from the
+# same numbers (models_arch.ARCHS).
+MODELS: Mapping[str, Callable[..., VisionTransformer]] = ArchModels("", _build_vit)
 DEFAULT_MODEL = "vit_tiny_patch4"
 POOLS = ("cls", "avg")  # features: the cls token, or the mean of patch tokens (pool_tokens)
 CHECKPOINT_KEYS = ("model", "target")  # encoder taken from a pretraining checkpoint: online or target
@@ -45,7 +45,7 @@ def create_model(name: str, **kwargs) -> VisionTransformer:
 
 def encoder_name_for(pretrain_model: str) -> str:
     """models_mae name -> models_vit name (mae_vit_tiny_patch4 -> vit_tiny_patch4)."""
-    return pretrain_model[len("mae_"):] if pretrain_model.startswith("mae_") else pretrain_model
+    return pretrain_model[len(MAE_PREFIX):] if pretrain_model.startswith(MAE_PREFIX) else pretrain_model
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -121,16 +121,40 @@ def check_input_channels(state: Dict[str, torch.Tensor], in_chans: int, path: st
                         f"has {in_chans} channel{'s' * (in_chans != 1)}; use the same --dataset as the pretraining")
 
 
+def resize_pos_embed(state: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
+    """Fit the checkpoint's position embeddings to the model's patch grid.
+
+    state["pos_embed"]: (1, prefix + G*G, D) from pretraining at G x G patches; the model wants
+    (1, prefix + G'*G', D). Another grid (pretrained at another --input_size) is resampled
+    bicubically by timm, prefix (cls) slots kept, and one line says so. Returns a new dict when
+    it changed anything, `state` itself otherwise (same grid: the load stays exact).
+    """
+    pos = state.get("pos_embed")
+    want = model.pos_embed
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 3 or pos.shape[1:] == want.shape[1:]:
+        return state  # nothing to resize; a wrong width is reported by the shape check
+    prefix = model.num_prefix_tokens
+    old = math.isqrt(pos.shape[1] - prefix)
+    if old * old != pos.shape[1] - prefix or pos.shape[2] != want.shape[2]:
+        return state  # not a square grid of this width: left to the shape check to refuse
+    new = list(model.patch_embed.grid_size)
+    resized = resample_abs_pos_embed(pos, new_size=new, old_size=[old, old], num_prefix_tokens=prefix)
+    print(f"position embeddings interpolated from {old}x{old} to {new[0]}x{new[1]} patches")
+    return {**state, "pos_embed": resized}
+
+
 def load_pretrained_encoder(model: VisionTransformer, state: Dict[str, torch.Tensor], path: str,
                             pretrained_on: Optional[str] = None) -> str:
     """Load encoder weights into a classifier; refuse anything but the expected gaps.
 
     Expected: the classifier head is new; with global pooling fc_norm is new and the
-    pretrained final norm is unused. Returns a one-line report of what was not loaded.
+    pretrained final norm is unused. Weights pretrained at another input size load with their
+    position embeddings interpolated to this model's grid (`resize_pos_embed`). Returns a one-line report of what was not loaded.
     pretrained_on: the checkpoint's --dataset, named when the channel counts differ.
     """
     own = model.state_dict()
     check_input_channels(state, own["patch_embed.proj.weight"].shape[1], path, pretrained_on=pretrained_on)
+    state = resize_pos_embed(state, model)
     bad_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad_shape:
         k = bad_shape[0]

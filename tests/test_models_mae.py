@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from models_mae import MODELS, MAEEncoder, create_model, masked_mse, random_masking
+from models_mae import MODELS, MAEEncoder, create_model, masked_mse, random_masking, sincos_pos_embed
 
 
 def test_registry_has_report_model_with_report_shapes():
@@ -71,3 +72,20 @@ def test_masked_mse_counts_removed_patches_only():
     target = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]])
     mask = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
     assert masked_mse(pred, target, mask).item() == (4 + 16) / 2
+
+
+@pytest.mark.parametrize("img_size", [48, 64, 96])
+def test_p16_model_at_other_input_sizes(img_size):
+    """Position embeddings are the sin-cos of the grid the input size gives (G = N/16), encoder
+    and decoder alike; masking, decoding and both heads follow L = G*G."""
+    g = img_size // 16
+    m = create_model("mae_vit_smoke_patch16", img_size=img_size)
+    assert torch.equal(m.encoder.pos_embed, sincos_pos_embed(g, 64))
+    assert torch.equal(m.decoder_pos_embed, sincos_pos_embed(g, 64))
+    imgs = torch.randn(2, 3, img_size, img_size)
+    preds, mask = m(imgs, 0.75, heads=("pixel", "feature"))
+    assert preds["pixel"].shape == (2, g * g, 16 * 16 * 3) and preds["feature"].shape == (2, g * g, 64)
+    assert mask.shape == (2, g * g) and torch.equal(mask.sum(1), torch.full((2,), float(g * g - int(g * g * 0.25))))
+    assert all(torch.isfinite(p).all() for p in preds.values())
+    assert torch.equal(m.unpatchify(m.patchify(imgs)), imgs)
+    assert m.encoder.forward_features(imgs).shape == (2, 1 + g * g, 64)
