@@ -94,6 +94,15 @@ def inherit_normalization(cfg, pretrained: dict) -> None:
             print(f"{key} {pretrained[key]} (from the pretraining run)")
 
 
+def note_input_size(cfg, pretrained: dict) -> None:
+    """Say so when this run's --input_size differs from the pretraining run's: the position
+    embeddings are interpolated to it, and an unset --input_size is 32, not the pretrained size."""
+    was = pretrained.get("input_size", 32)  # checkpoints from before --input_size were all 32x32
+    if was != cfg.input_size:
+        print(f"note: pretrained at {was}x{was}, this run takes {cfg.input_size}x{cfg.input_size} "
+              f"(--input_size); the position embeddings are interpolated")
+
+
 def prepare_run(cfg, kind: str):
     """Resolve start, output directory, own checkpoint (auto-resume) and model name, in place.
 
@@ -118,6 +127,7 @@ def prepare_run(cfg, kind: str):
                             f"{encoder} but --model is {cfg.model}")
         cfg.model = encoder
         inherit_normalization(cfg, start.init_ckpt["config"])
+        note_input_size(cfg, start.init_ckpt["config"])
     else:
         cfg.model = cfg.model or DEFAULT_MODEL
     return start, own

@@ -14,8 +14,8 @@ from timm.optim import param_groups_layer_decay
 import models_vit
 from config import FinetuneConfig, parse_config
 from dataio.augment import finetune_transform
-from dataio.datasets import normalization, load_splits
-from dataio.loader import EvalLoader, TorchvisionLoader
+from dataio.datasets import image_channels, load_splits, normalization
+from dataio.loader import build_eval_loader, build_train_loader
 from engine_finetune import Classification
 from eval_setup import setup_eval_run
 from util import distributed as dist
@@ -53,10 +53,10 @@ def main(argv=None) -> None:
 
     train_x, train_y, test_x, test_y, num_classes = load_splits(cfg)
     mean, std = normalization(cfg)
-    img_size, in_chans = train_x.shape[1], train_x.shape[3]
 
     model = models_vit.create_model(cfg.model, num_classes=num_classes, global_pool=cfg.global_pool,
-                                    drop_path_rate=cfg.drop_path, img_size=img_size, in_chans=in_chans)
+                                    drop_path_rate=cfg.drop_path, img_size=cfg.input_size,
+                                    in_chans=image_channels(train_x))
     if own is None and start.init is not None:
         state = models_vit.pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
         report = models_vit.load_pretrained_encoder(model, state, start.init,
@@ -64,13 +64,12 @@ def main(argv=None) -> None:
         print(f"initialised {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
     model.to(device)
 
-    train_loader = TorchvisionLoader(train_x, train_y, finetune_transform(cfg, img_size, mean, std),
-                                     cfg.batch_size, device, cfg.seed, cfg.num_workers,
-                                     rank=dist.rank(), world_size=dist.world())
+    train_loader = build_train_loader(cfg, train_x, train_y, device, mean, std,
+                                      finetune_transform(cfg, cfg.input_size, mean, std), resume=own)
     forward = torch.nn.parallel.DistributedDataParallel(model) if dist.world() > 1 else model
     mixup_fn, criterion = build_criterion(cfg, num_classes)
     engine = Classification(cfg, "finetune", model, speed_options(forward, cfg, device), build_optimizer(model, cfg),
-                            criterion, EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std), mixup_fn,
+                            criterion, build_eval_loader(cfg, test_x, test_y, device, mean, std), mixup_fn,
                             extra={"init": start.init, "checkpoint_key": cfg.checkpoint_key})
     if own is not None:
         engine.load_state_dict(own)

@@ -10,8 +10,8 @@ from timm.optim import Lars
 import models_vit
 from config import LinprobeConfig, parse_config
 from dataio.augment import NO_AUGMENT, PROBE
-from dataio.datasets import normalization, load_splits
-from dataio.loader import EvalLoader, TensorLoader, build_train_loader
+from dataio.datasets import image_channels, load_splits, normalization
+from dataio.loader import TensorLoader, build_eval_loader, build_train_loader
 from engine_eval import extract_features, knn_accuracy
 from engine_finetune import Classification
 from eval_setup import setup_eval_run
@@ -30,9 +30,9 @@ def build_optimizer(head: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                 lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
-def build_probe(cfg, start, own, num_classes: int, img_size: int, in_chans: int, device) -> models_vit.LinearProbe:
-    """The frozen encoder (pretrained, or this run's own checkpoint) with a fresh head."""
-    encoder = models_vit.create_model(cfg.model, num_classes=0, img_size=img_size, in_chans=in_chans)
+def build_probe(cfg, start, own, num_classes: int, in_chans: int, device) -> models_vit.LinearProbe:
+    """The frozen encoder at cfg.input_size (pretrained, or this run's own checkpoint) with a fresh head."""
+    encoder = models_vit.create_model(cfg.model, num_classes=0, img_size=cfg.input_size, in_chans=in_chans)
     if own is None and start.init is not None:
         state = models_vit.pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
         report = models_vit.load_pretrained_encoder(encoder, state, start.init,
@@ -46,7 +46,7 @@ def build_probe(cfg, start, own, num_classes: int, img_size: int, in_chans: int,
 
 def cached_features(cfg, probe, train_x, train_y, test_loader, device, mean, std):
     """Frozen features of both splits, extracted once, without augmentation."""
-    train = extract_features(probe.features, EvalLoader(train_x, train_y, cfg.batch_size, device, mean, std))
+    train = extract_features(probe.features, build_eval_loader(cfg, train_x, train_y, device, mean, std))
     return train, extract_features(probe.features, test_loader)
 
 
@@ -56,9 +56,9 @@ def main(argv=None) -> None:
     device, start, own = setup_eval_run(cfg, "linprobe")
     train_x, train_y, test_x, test_y, num_classes = load_splits(cfg)
     mean, std = normalization(cfg)
-    probe = build_probe(cfg, start, own, num_classes, train_x.shape[1], train_x.shape[3], device)
+    probe = build_probe(cfg, start, own, num_classes, image_channels(train_x), device)
 
-    test_loader = EvalLoader(test_x, test_y, cfg.batch_size, device, mean, std)
+    test_loader = build_eval_loader(cfg, test_x, test_y, device, mean, std)
     extra = {"init": start.init, "checkpoint_key": cfg.checkpoint_key, "pool": cfg.pool}
     if cfg.cached_features or cfg.knn:
         (train_f, train_l), (test_f, test_l) = cached_features(cfg, probe, train_x, train_y, test_loader,
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     else:
         model = probe
         train_loader = build_train_loader(cfg, train_x, train_y, device, mean, std,
-                                          PROBE if cfg.aug else NO_AUGMENT)
+                                          PROBE if cfg.aug else NO_AUGMENT, resume=own)
     if dist.world() > 1:  # DDP syncs only parameters that require grad: the head's
         model = torch.nn.parallel.DistributedDataParallel(model)
     engine = Classification(cfg, "linprobe", probe, speed_options(model, cfg, device),

@@ -16,8 +16,8 @@ from timm.optim import param_groups_weight_decay
 
 from config import PretrainConfig, parse_config
 from dataio.augment import PRETRAIN
-from dataio.datasets import normalization, load_dataset, load_train
-from dataio.loader import EvalLoader, build_train_loader
+from dataio.datasets import image_channels, load_split, load_train, normalization
+from dataio.loader import build_eval_loader, build_train_loader
 from engine_eval import extract_features, knn_accuracy
 from engine_pretrain import Pretraining
 from models_mae import create_model
@@ -48,16 +48,16 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 def knn_monitor(model, cfg, device, mean, std, train_set) -> Callable[[], float]:
     """kNN accuracy of the online encoder's frozen features, train set -> test set.
 
-    train_set: (images, labels, num_classes) as pretraining uses them; the test split is
-    loaded once here rather than at every evaluation.
+    train_set: (images, labels, num_classes) as pretraining uses them (`load_split`); the test
+    split is loaded once here rather than at every evaluation.
     """
     images, labels, num_classes = train_set
-    sets = ((images, labels), load_dataset(cfg.dataset, cfg.data_path, train=False)[:2])
+    sets = ((images, labels), load_split(cfg, train=False)[:2])
 
     def run() -> float:
         model.eval()
         encode = lambda x: pool_tokens(model.encoder.forward_features(x), cfg.knn_pool)  # noqa: E731
-        (tr_f, tr_y), (te_f, te_y) = [extract_features(encode, EvalLoader(x, y, cfg.batch_size, device, mean, std))
+        (tr_f, tr_y), (te_f, te_y) = [extract_features(encode, build_eval_loader(cfg, x, y, device, mean, std))
                                       for x, y in sets]
         return knn_accuracy(tr_f, tr_y, te_f, te_y, num_classes, cfg.knn_k, cfg.knn_t)
     return run
@@ -72,8 +72,9 @@ def find_resume(cfg) -> Optional[str]:
 
 
 def build_engine(cfg, device, train_set, mean, std, steps_per_epoch: int) -> Pretraining:
-    images, labels, _ = train_set
-    model = create_model(cfg.model, img_size=images.shape[1], in_chans=images.shape[3],
+    """The model at cfg.input_size, its optimizer, target and kNN monitor. train_set: (images,
+    labels, num_classes), images a uint8 array (N, H, W, C) or ImageFiles (`load_split`)."""
+    model = create_model(cfg.model, img_size=cfg.input_size, in_chans=image_channels(train_set[0]),
                          feature_head_init=cfg.feature_head_init).to(device)
     if cfg.target_layers > len(model.encoder.blocks):
         raise UserError(f"target_layers {cfg.target_layers} exceeds the encoder depth {len(model.encoder.blocks)}")
@@ -105,10 +106,10 @@ def main(argv=None) -> None:
                         f"({len(images)} images)")
     mean, std = normalization(cfg)
     augment = dataclasses.replace(PRETRAIN, interpolation=cfg.crop_interpolation)
-    loader = build_train_loader(cfg, images, train_set[1], device, mean, std, augment)
+    loader = build_train_loader(cfg, images, train_set[1], device, mean, std, augment, resume=ckpt)
     engine = build_engine(cfg, device, train_set, mean, std, len(loader))
     if ckpt is not None:
-        check_input_channels(ckpt["model"], images.shape[3], resume, key="encoder.patch_embed.proj.weight",
+        check_input_channels(ckpt["model"], image_channels(images), resume, key="encoder.patch_embed.proj.weight",
                              pretrained_on=ckpt["config"].get("dataset"))
         try:
             engine.load_state_dict(ckpt)

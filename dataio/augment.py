@@ -2,13 +2,14 @@
 
 `Augment` is the spec of the crop + flip recipes (pretraining, linear probing, none) from which
 either training loader is built: the in-memory loader's batched tensor ops or torchvision's
-per-image PIL pipeline. Fine-tuning's RandAugment + random erasing is timm's pipeline
-(torchvision loader only), with one repair: timm's "increasing" posterize maps the top
-magnitude (10, reached often with mstd 0.5) to 0 bits, which Pillow >= 13 rejects with a
-ValueError mid-epoch; we keep at least 1 bit (almost black, as 0 bits meant).
+per-image PIL pipeline; `eval_transform` is MAE's evaluation of an image file of any size.
+Fine-tuning's RandAugment + random erasing is timm's pipeline (torchvision loader only), with
+one repair: timm's "increasing" posterize maps the top magnitude (10, reached often with mstd
+0.5) to 0 bits, which Pillow >= 13 rejects with a ValueError mid-epoch; we keep at least 1 bit
+(almost black, as 0 bits meant).
 """
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from PIL import ImageOps
 from timm.data import auto_augment, create_transform
@@ -31,13 +32,17 @@ class Augment:
     flip: bool = True
     interpolation: str = "bicubic"
 
-    def torchvision(self, img_size: int, mean, std) -> transforms.Compose:
-        """The per-image PIL pipeline (DataLoader workers)."""
-        steps = []
+    def torchvision(self, img_size: int, mean, std, fit: Sequence = ()) -> transforms.Compose:
+        """The per-image PIL pipeline (DataLoader workers): PIL image -> (C, img_size, img_size).
+
+        fit: the steps that bring an image to img_size x img_size when there is no random crop
+        (`center_fit` for files of any size); none when the images already have that size.
+        """
+        steps = list(fit)  # the random crop below takes an image of any size to img_size
         if self.scale is not None:
-            steps.append(transforms.RandomResizedCrop(
+            steps = [transforms.RandomResizedCrop(
                 img_size, scale=self.scale, ratio=self.ratio,
-                interpolation=transforms.InterpolationMode(self.interpolation.removesuffix("_uint8"))))
+                interpolation=transforms.InterpolationMode(self.interpolation.removesuffix("_uint8")))]
         if self.flip:
             steps.append(transforms.RandomHorizontalFlip())
         return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
@@ -51,6 +56,19 @@ class Augment:
 PRETRAIN = Augment(scale=(0.2, 1.0))  # MAE's pretraining crop
 PROBE = Augment(scale=(0.08, 1.0))    # MAE's linear probe: RandomResizedCrop's default scale
 NO_AUGMENT = Augment(scale=None, flip=False)
+EVAL_CROP = 0.875  # MAE's evaluation crop: the central 224 pixels of an image resized to 256
+
+
+def center_fit(img_size: int) -> list:
+    """An image of any size -> img_size x img_size as MAE evaluates: the shorter side resized to
+    int(img_size / 0.875) (bicubic), then the central img_size x img_size."""
+    return [transforms.Resize(int(img_size / EVAL_CROP), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(img_size)]
+
+
+def eval_transform(img_size: int, mean, std) -> transforms.Compose:
+    """Test set, kNN and feature extraction on image files: PIL image -> (C, img_size, img_size)."""
+    return NO_AUGMENT.torchvision(img_size, mean, std, fit=center_fit(img_size))
 
 
 def _posterize(img, bits_to_keep, **__):

@@ -1,7 +1,9 @@
-"""Datasets as uint8 arrays in memory, plus the classic per-image torchvision pipeline.
+"""Datasets as uint8 arrays in memory, or as a list of image files read per step.
 
 Every reader returns images (N, H, W, C) uint8 and labels (N,) int64; load_dataset picks one
-by --dataset name and adds the number of classes. Readers check what they read (structure,
+by --dataset name and adds the number of classes. An image folder can also be listed without
+reading a pixel (`ImageFiles`, for large folders); `load_split` decides, from the run's config,
+which form a run gets. Readers check what they read (structure,
 label dtype and range against the class count) and name the file in a one-line UserError, so
 bad data stops a run before any work instead of crashing fine-tuning or kNN later.
 
@@ -18,9 +20,10 @@ import stat
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
@@ -44,7 +47,7 @@ STATS: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
     "fashion_mnist": (FASHION_MEAN, FASHION_STD),
     "image_folder": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
 }
-IMAGE_SIZE = 32  # the models take 32x32 input; image folders are resized and cropped to it
+IMAGE_SIZE = 32  # CIFAR's and (padded) Fashion-MNIST's side; image folders have any size
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "image_folder")  # --dataset: what load_dataset reads
 
 
@@ -309,11 +312,6 @@ def read_fashion_mnist(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
 # ---- image folder: DATA_PATH/{train,val}/CLASS/IMAGE --------------------------------------------
 
 _LAYOUT = "expected DATA_PATH/train/CLASS/IMAGE and DATA_PATH/val/CLASS/IMAGE (or test/)"
-# Shorter side to 32 (bicubic), then the central 32x32: the whole image keeps its aspect ratio.
-# Resize leaves an image already at 32x32 untouched, so such files are read back exactly.
-_FIT_32 = transforms.Compose([
-    transforms.Resize(IMAGE_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
-    transforms.CenterCrop(IMAGE_SIZE)])
 
 
 def _class_folders(split: str) -> List[str]:
@@ -352,21 +350,35 @@ def image_folder_layout(root: str) -> Tuple[List[str], str, str]:
     return classes, train, val
 
 
-def _load_image(path: str) -> np.ndarray:
-    """One file -> (32, 32, 3) uint8: any PIL mode (L, P, RGBA, ...) converted to RGB first."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")  # decodes now, inside the try: truncated files fail here
-    except Exception as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__})")
-    return np.asarray(_FIT_32(img))
+class ImageFiles:
+    """The image files of a split, where the other readers give a uint8 array: decoded per step at
+    their own resolution by dataio.loader.FileLoader (image_folder, --data_loader torchvision).
 
-
-def read_image_folder(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """Returns images (N, 32, 32, 3) uint8 and labels (N,) int64 from root/train or root/val.
-
-    All files are decoded once, here, so training sees the same in-memory arrays as for CIFAR.
+    The N paths are one numpy bytes array, not a list of str: DataLoader workers share the
+    parent's memory copy-on-write, and merely reading a list's str objects writes their
+    refcounts, copying the pages into every worker (GBs for ImageNet's 1.28M paths).
     """
+    channels = 3  # open_rgb converts every file to RGB
+
+    def __init__(self, paths):
+        self.paths = paths if isinstance(paths, np.ndarray) else np.array([os.fsencode(p) for p in paths])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        """A path (int i), or the ImageFiles of a slice."""
+        return ImageFiles(self.paths[i]) if isinstance(i, slice) else os.fsdecode(self.paths[i])
+
+
+def image_channels(images) -> int:
+    """Channels of a split's images: a (N, H, W, C) array's C, or 3 for ImageFiles (RGB)."""
+    return images.channels if isinstance(images, ImageFiles) else images.shape[3]
+
+
+def image_folder_files(root: str, train: bool) -> Tuple[ImageFiles, np.ndarray, int]:
+    """The files of root/train or root/val (no pixel read): ImageFiles, labels (N,) int64 and
+    the number of classes (from the folders: a class may lack images in one split)."""
     classes, train_dir, val_dir = image_folder_layout(root)
     split = train_dir if train else val_dir
     for c in classes:  # make_dataset's os.walk skips a folder it cannot read: the class would look empty
@@ -379,10 +391,95 @@ def read_image_folder(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
                            allow_empty=True)
     if not samples:
         raise UserError(f"{split}: no images ({' '.join(IMG_EXTENSIONS)}) in its class folders")
+    labels = check_labels([label for _, label in samples], len(classes), split)
+    return ImageFiles([path for path, _ in samples]), labels, len(classes)
+
+
+def open_rgb(path: str) -> Image.Image:
+    """One image file, decoded, as RGB (from any PIL mode: L, P, RGBA, CMYK, ...)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # decodes now, inside the try: truncated files fail here
+    except Exception as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__})")
+
+
+def read_image_folder(root: str, train: bool, size: int = IMAGE_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+    """Returns images (N, size, size, 3) uint8 and labels (N,) int64 from root/train or root/val.
+
+    Each image keeps its central square, shorter side resized to `size` (bicubic; an image
+    already size x size is read back exactly). All files are decoded once, here, so training
+    sees in-memory arrays as for CIFAR.
+    """
+    files, labels, _ = image_folder_files(root, train)
+    fit = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                              transforms.CenterCrop(size)])
+    images = np.empty((len(files), size, size, 3), np.uint8)  # filled in place: no second copy
+
+    def load(i: int) -> None:
+        images[i] = np.asarray(fit(open_rgb(files[i])))
     # PIL releases the GIL while decoding and resizing, so threads give a real speed-up
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(_load_image, [path for path, _ in samples]))
-    return np.stack(images), check_labels([label for _, label in samples], len(classes), split)
+        list(pool.map(load, range(len(files))))
+    return images, labels
+
+
+# ---- will an in-memory set fit? ---------------------------------------------------------------
+
+# The uint8 set may take this share of the free memory: the in-memory loader copies it once more
+# (NCHW layout) and the model, optimizer and batches need the rest.
+MEMORY_SHARE = 0.5
+
+
+def free_memory(device: torch.device) -> Dict[str, int]:
+    """Bytes free now: {"RAM": ...}, plus the CUDA device's memory when the run uses one."""
+    try:
+        import psutil
+        free = {"RAM": psutil.virtual_memory().available}
+    except ImportError:
+        free = {"RAM": _meminfo_available()}
+    if device.type == "cuda":
+        free[f"{device.type} device memory"] = torch.cuda.mem_get_info(device)[0]  # "cuda": the current one
+    return free
+
+
+def _meminfo_available() -> int:
+    """Linux's MemAvailable (free + reclaimable caches); elsewhere the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_in_memory_fits(cfg) -> None:
+    """Refuse --data_loader in_memory for an image folder too large for memory, from the file
+    counts alone (no pixel read): train (cut to --train_subset) + val at input_size^2 x 3 bytes
+    each, on the host once per process of this machine (torchrun) and on the CUDA device."""
+    from util.runtime import resolve_device
+    n_train, n_val = (len(image_folder_files(cfg.data_path, train)[0]) for train in (True, False))
+    n = min(n_train, cfg.train_subset or n_train) + n_val
+    size = n * cfg.input_size ** 2 * 3
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # processes of this machine, one copy each
+    for where, free in free_memory(resolve_device(cfg.device)).items():
+        need = size * (local if where == "RAM" else 1)
+        if need > MEMORY_SHARE * free:
+            copies = f" x {local} processes" if need != size else ""
+            raise UserError(f"--data_loader in_memory would hold {n:,} images (train + val) of {cfg.input_size}x"
+                            f"{cfg.input_size}x3 = {_bytes(size)} as uint8{copies}, more than half of the "
+                            f"{_bytes(free)} of {where} free; pass --data_loader torchvision to read them "
+                            f"from disk per step")
+
+
+def _bytes(n: float) -> str:
+    """442368 -> '442.4 kB', 2e11 -> '200.0 GB'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 # ---- by name ----------------------------------------------------------------------------------
@@ -405,19 +502,40 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True
     return images, labels, num_classes
 
 
-def load_train(cfg) -> Tuple[np.ndarray, np.ndarray, int]:
-    """The training set, cut to its first cfg.train_subset images when that is set."""
-    images, labels, num_classes = load_dataset(cfg.dataset, cfg.data_path, train=True)
+def load_split(cfg, train: bool) -> Tuple[Union[np.ndarray, ImageFiles], np.ndarray, int]:
+    """One split of cfg.dataset as the run's loaders take it: images, labels (N,) int64, classes.
+
+    images: CIFAR and Fashion-MNIST: (N, 32, 32, C) uint8, enlarged to --input_size by the
+    loaders on the fly. image_folder: with --data_loader torchvision the ImageFiles, decoded per
+    step at their own resolution; with in_memory (N, S, S, 3) uint8 at S = --input_size, each
+    image's central square (refused before any pixel is read if it would not fit in memory).
+    """
+    if cfg.dataset == "image_folder" and cfg.data_loader != "in_memory":
+        return image_folder_files(cfg.data_path, train)
+    if cfg.dataset == "image_folder":
+        if train:  # the val split is counted here too: the estimate covers both
+            check_in_memory_fits(cfg)
+        num_classes = len(image_folder_layout(cfg.data_path)[0])
+        return (*read_image_folder(cfg.data_path, train, cfg.input_size), num_classes)
+    if cfg.input_size < IMAGE_SIZE:  # the batched resampling has no antialiasing: it only enlarges
+        raise UserError(f"--input_size {cfg.input_size}: {cfg.dataset} images are {IMAGE_SIZE}x{IMAGE_SIZE}; "
+                        f"they can be enlarged to a larger input size, not shrunk")
+    return load_dataset(cfg.dataset, cfg.data_path, train)
+
+
+def load_train(cfg) -> Tuple[Union[np.ndarray, ImageFiles], np.ndarray, int]:
+    """The training split (`load_split`), cut to its first cfg.train_subset images when that is set."""
+    images, labels, num_classes = load_split(cfg, train=True)
     if cfg.train_subset:
         images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
     return images, labels, num_classes
 
 
 def load_splits(cfg):
-    """Train and test sets of cfg.dataset: (train_x, train_y, test_x, test_y, num_classes)."""
+    """Train and test sets of cfg.dataset (`load_split`): (train_x, train_y, test_x, test_y, num_classes)."""
     from util.distributed import world
     train_x, train_y, num_classes = load_train(cfg)
-    test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_path, train=False)
+    test_x, test_y, _ = load_split(cfg, train=False)
     if len(train_x) < cfg.batch_size * world():
         raise UserError(f"batch_size {cfg.batch_size} x {world()} ranks is larger than the dataset "
                         f"({len(train_x)} images)")

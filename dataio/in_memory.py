@@ -148,12 +148,13 @@ def crop_resize(images: torch.Tensor, boxes: Optional[Boxes], flip_mask: Optiona
 class InMemoryLoader:
     """Shuffled, augmented mini-batches of a uint8 dataset held on `device`.
 
-    images (N, H, W, C) uint8, labels (N,) int64. Yields (imgs (B, C, H, W) float32 normalised,
-    labels (B,) int64), both on `device`. Augmentation: RandomResizedCrop(scale, ratio) back to
-    HxW with `interpolation` ('bicubic' as in MAE, 'bilinear', or 'bilinear_uint8': rounded to uint8), then a horizontal flip with
-    probability 1/2. With world_size > 1 each rank takes the shard perm[rank::world_size] of
-    the same epoch permutation, trimmed (drop_last) or wrapped (not drop_last) to equal length,
-    as DistributedSampler does.
+    images (N, H, W, C) uint8, labels (N,) int64. Yields (imgs (B, C, S, S) float32 normalised,
+    labels (B,) int64), both on `device`; S = out_size, at least the images' side (crops are only
+    enlarged; default: H = W). Augmentation: RandomResizedCrop(scale, ratio) to S x S with
+    `interpolation` ('bicubic' as in MAE, 'bilinear', or 'bilinear_uint8': rounded to uint8), then
+    a horizontal flip with probability 1/2. With world_size > 1 each rank takes the shard
+    perm[rank::world_size] of the same epoch permutation, trimmed (drop_last) or wrapped (not
+    drop_last) to equal length, as DistributedSampler does.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -162,7 +163,7 @@ class InMemoryLoader:
                  crop: bool = True, scale: Sequence[float] = (0.2, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True,
                  shuffle: bool = True, drop_last: bool = True, rank: int = 0,
-                 world_size: int = 1, interpolation: str = "bicubic"):
+                 world_size: int = 1, interpolation: str = "bicubic", out_size: Optional[int] = None):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be in {INTERPOLATIONS}, not {interpolation!r}")
         if images.dtype != np.uint8 or images.ndim != 4:
@@ -170,6 +171,8 @@ class InMemoryLoader:
                              f"{images.shape}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if out_size is not None and out_size < max(images.shape[1:3]):  # crop_resize has no antialiasing
+            raise ValueError(f"out_size {out_size} is smaller than the images ({images.shape[1]}x{images.shape[2]})")
         self.device = torch.device(device)
         # NCHW once, so a batch is a plain gather with no per-step transpose.
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
@@ -181,6 +184,7 @@ class InMemoryLoader:
         self.crop, self.scale, self.ratio, self.flip = crop, tuple(scale), tuple(ratio), flip
         self.shuffle, self.drop_last, self.interpolation = shuffle, drop_last, interpolation
         self.rank, self.world_size = rank, world_size
+        self.out_size = tuple(self.images.shape[2:]) if out_size is None else (out_size, out_size)
         n = len(self.images)
         # Per-rank sample count, equal across ranks (DistributedSampler's rule).
         self.per_rank = n // world_size if drop_last else -(-n // world_size)
@@ -217,6 +221,6 @@ class InMemoryLoader:
             if self.flip:
                 flips = (torch.rand(G, device=self.device, generator=gen) < 0.5)[r::ws]
             # index_select: a plain gather, ~10x faster than advanced indexing on CPU.
-            x = crop_resize(self.images.index_select(0, idx), boxes, flips, (H, W), self.mean,
+            x = crop_resize(self.images.index_select(0, idx), boxes, flips, self.out_size, self.mean,
                             self.std, self.interpolation)
             yield x, self.labels.index_select(0, idx)
