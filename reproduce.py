@@ -23,6 +23,15 @@ figures and results.md are written (results/figures.py) into report_figures/ (or
 The study plan (configs/study/NAME.yaml, ordered by configs/study/plan.yaml) runs pretrain -> linear probe on cached features + kNN
 on Fashion-MNIST with a small model and a 6,000-image training subset, about 30 min for 3 seeds on
 2 CPU cores; its table and figure (results/study.py) go to OUTPUT_ROOT (or --figures_dir).
+
+    python reproduce.py --plan schedule --seeds 3 --budgets 8 32 96   # issue 16: when do targets pay?
+
+The schedule plan runs the study's recipe for its rows (configs/schedule/) at every pretraining
+budget, into OUTPUT_ROOT/NAME/budgetB/seedS/{pretrain,linprobe}/, the epoch-counted options and tau
+scaled by results.schedule.scale_to_budget (the scaled values are flags, shown by --dry_run); its
+table (paired deltas vs pixel, and pixel at equal wall-clock) and figure (results/schedule.py) go
+to OUTPUT_ROOT. --model swaps the study's smoke model for another registered MAE model (default
+output root then output/PLAN-MODEL).
 """
 import argparse
 import json
@@ -34,6 +43,9 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from results.plans import PLAN_NAMES, ROOT, plan_dir, plan_rows, read_yaml, row_config, uses_study_recipe
+from results.recipe import (STUDY_DATA, STUDY_RECIPE, STUDY_SMOKE, STUDY_STAGES, check_study_flags,  # noqa: F401
+                            run_dir, study_args)
+from results.recipe import flags as _flags
 from util.errors import UserError, cli
 
 SMOKE = os.path.join("configs", "smoke.yaml")
@@ -42,41 +54,12 @@ FULL_EVAL = {"finetune": os.path.join("configs", "finetune.yaml"),
 SCRIPTS = {"pretrain": "main_pretrain.py", "finetune": "main_finetune.py", "linprobe": "main_linprobe.py"}
 STAGES = ("pretrain", "finetune", "linprobe")
 
-# Each plan's rows in table order (configs/PLAN/plan.yaml): the report's table, and the
-# improvement study (docs/RESULTS.md): pretrain -> cached-feature linear probe + kNN only, on a
-# small Fashion-MNIST recipe that fits a 2-core CPU.
+# Each plan's rows in table order (configs/PLAN/plan.yaml): the report's table, and the plans with
+# the study recipe (results/recipe.py: pretrain -> cached-feature linear probe + kNN only, on a
+# small Fashion-MNIST recipe that fits a 2-core CPU): the improvement study, the ablation and the
+# schedule-length plan.
 PLANS: Dict[str, List[str]] = {plan: plan_rows(plan) for plan in PLAN_NAMES}
 REPORT_PLAN, STUDY_PLAN = PLANS["report"], PLANS["study"]
-STUDY_STAGES = ("pretrain", "linprobe")
-STUDY_DATA = "/usr/share/datasets/fashion-mnist"
-# The study's shared recipe (scale full); rows only add their pretrain options.
-STUDY_RECIPE = {
-    "pretrain": {"model": "mae_vit_smoke_patch4", "epochs": 8, "warmup_epochs": 2, "batch_size": 128,
-                 "blr": 1.5e-3, "num_workers": 0, "print_freq": 100, "save_freq": 100},
-    # LARS scales each step by 1e-3 * |w| / |g|, so the report's blr 0.1 barely moves the head in a
-    # short schedule (30 epochs: 36% on an encoder whose kNN is 66%). On cached features epochs are
-    # ~free, so the study probes to convergence instead: blr 5, 300 epochs (docs/RESULTS.md).
-    "linprobe": {"model": "vit_smoke_patch4", "epochs": 300, "warmup_epochs": 10, "batch_size": 256,
-                 "blr": 5.0, "cached_features": True, "knn": True, "num_workers": 0, "print_freq": 1000,
-                 "save_freq": 1000},
-}
-STUDY_SMOKE = {"pretrain": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32},
-               "linprobe": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32}}
-# pretrain options counted in epochs: capped below the smoke run's 2 epochs
-_EPOCH_OPTS = ("k", "wse", "feature_ramp")
-
-
-def _flags(d: Dict[str, object]) -> List[str]:
-    """{key: value} -> ['--key', 'value', ...]; booleans become --key / --no-key."""
-    out: List[str] = []
-    for k, v in d.items():
-        if isinstance(v, bool):
-            out.append(f"--{k}" if v else f"--no-{k}")
-        elif v is not None:
-            out += [f"--{k}", str(v)]
-    return out
-
-
 def _path_arg(p: str) -> str:
     """Paths handed to the scripts (which run with cwd = repo root): relative to the repo when
     inside it, else absolute, so the user's working directory does not matter."""
@@ -104,44 +87,17 @@ class Row:
         return STAGES[1:] if self.scratch else STAGES
 
 
-def study_command(row: Row, stage: str, seed: int, args) -> List[str]:
-    """argv of one stage of the study plan: the shared recipe + the row's pretrain options."""
-    run_dir = os.path.join(args.output_root, row.name, f"seed{seed}")
-    vals = {"dataset": args.dataset, "train_subset": args.train_subset, **STUDY_RECIPE[stage]}
-    if args.scale == "smoke":
-        vals.update(STUDY_SMOKE[stage])
-    cmd = [SCRIPTS[stage]]
-    if stage == "pretrain":
-        cmd += ["--config", row.config]
-        if args.pretrain_epochs:
-            vals["epochs"] = args.pretrain_epochs
-        if args.scale == "smoke":
-            for k in _EPOCH_OPTS:
-                if k in row.pretrain:
-                    vals[k] = min(int(row.pretrain[k]), 1)
-    else:
-        if args.probe_epochs:
-            vals["epochs"] = args.probe_epochs
-        if row.scratch:
-            cmd += ["--from_scratch"]
-        else:
-            cmd += ["--finetune", os.path.join(run_dir, "pretrain", "checkpoint-last.pth")]
-    cmd += _flags(vals)
-    cmd += ["--output_dir", os.path.join(run_dir, stage), "--seed", str(seed), "--data_path", args.data_path]
-    return cmd + _shared_flags(args)
-
-
 def _shared_flags(args) -> List[str]:
     """Flags reproduce.py hands to every stage unchanged."""
     return _flags({"device": args.device or None, "precision": args.precision or None})
 
 
-def stage_command(row: Row, stage: str, seed: int, args) -> List[str]:
+def stage_command(row: Row, stage: str, seed: int, args, budget: Optional[int] = None) -> List[str]:
     """argv (without the interpreter) of one stage."""
     if uses_study_recipe(row.plan):
-        return study_command(row, stage, seed, args)
-    run_dir = os.path.join(args.output_root, row.name, f"seed{seed}")
-    out = os.path.join(run_dir, stage)
+        return [SCRIPTS[stage]] + study_args(row, stage, seed, args, budget) + _shared_flags(args)
+    rdir = run_dir(args, row.name, seed)
+    out = os.path.join(rdir, stage)
     cmd = [SCRIPTS[stage]]
     if stage == "pretrain":
         cmd += ["--config", row.config]
@@ -157,7 +113,7 @@ def stage_command(row: Row, stage: str, seed: int, args) -> List[str]:
         if row.scratch:
             cmd += ["--from_scratch"]
         else:
-            cmd += ["--finetune", os.path.join(run_dir, "pretrain", "checkpoint-last.pth")]
+            cmd += ["--finetune", os.path.join(rdir, "pretrain", "checkpoint-last.pth")]
     cmd += ["--output_dir", out, "--seed", str(seed)]
     if args.data_path:
         cmd += ["--data_path", args.data_path]
@@ -253,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_subset", type=int, default=6000, help="first N training images (0: all)")
     g.add_argument("--pretrain_epochs", type=int, default=0, help="override the recipe's 8 epochs")
     g.add_argument("--probe_epochs", type=int, default=0, help="override the recipe's 300 probe epochs")
+    g.add_argument("--model", default="", help="a models_mae model instead of the recipe's "
+                                               "mae_vit_smoke_patch4 (default output root: output/PLAN-MODEL)")
+    g.add_argument("--budgets", type=int, nargs="+", default=None, metavar="EPOCHS",
+                   help="schedule plan: pretraining budgets (default: configs/schedule/plan.yaml's 8 32 96)")
     return p
 
 
@@ -274,6 +234,7 @@ def check_args(args) -> List[str]:
                              ("--probe_epochs", args.probe_epochs, 0)):
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
+    check_study_flags(args)
     names = args.only or PLANS[args.plan]
     unknown = [n for n in names if n not in PLANS[args.plan]]
     if unknown:
@@ -288,42 +249,48 @@ def check_args(args) -> List[str]:
     return names
 
 
-def run_row(row: Row, seed: int, args) -> Optional[str]:
-    """Run (or skip when done) every stage of one row and seed; returns a failure note or None."""
-    run_dir = os.path.join(args.output_root, row.name, f"seed{seed}")
-    cmds = {stage: stage_command(row, stage, seed, args) for stage in row.stages()}
+def run_row(row: Row, seed: int, args, budget: Optional[int] = None) -> Optional[str]:
+    """Run (or skip when done) every stage of one row and seed (at one budget in a plan with
+    budgets); returns a failure note or None."""
+    rdir = run_dir(args, row.name, seed, budget)
+    label = f"{row.name}{f' budget {budget}' if budget else ''} seed {seed}"
+    cmds = {stage: stage_command(row, stage, seed, args, budget) for stage in row.stages()}
     if args.dry_run:
         for cmd in cmds.values():
             print(shlex.join(["python"] + cmd))
         return None
-    os.makedirs(os.path.join(ROOT, run_dir), exist_ok=True)
-    with open(os.path.join(ROOT, run_dir, "commands.json"), "w") as f:
-        json.dump({"reproduce": shlex.join(["python", "reproduce.py", "--plan", args.plan, "--only",
-                                            row.name, "--scale", args.scale]),
+    os.makedirs(os.path.join(ROOT, rdir), exist_ok=True)
+    again = ["python", "reproduce.py", "--plan", args.plan, "--only", row.name, "--scale", args.scale]
+    again += _flags({"budgets": budget, "model": args.model or None})
+    with open(os.path.join(ROOT, rdir, "commands.json"), "w") as f:
+        json.dump({"reproduce": shlex.join(again),
                    "cwd": ROOT, **{s: shlex.join(["python"] + c) for s, c in cmds.items()}}, f, indent=2)
     for stage, cmd in cmds.items():
-        out_dir = os.path.join(run_dir, stage)
+        out_dir = os.path.join(rdir, stage)
         epochs = configured_epochs(stage, cmd[1:])
         if stage_done(stage, out_dir, epochs):
-            print(f"[reproduce] {row.name} seed {seed} {stage}: done ({epochs} epochs), skipped")
+            print(f"[reproduce] {label} {stage}: done ({epochs} epochs), skipped")
             continue
-        print(f"[reproduce] {row.name} seed {seed} {stage}: {shlex.join(['python'] + cmd)}", flush=True)
+        print(f"[reproduce] {label} {stage}: {shlex.join(['python'] + cmd)}", flush=True)
         t0 = time.time()
-        rc = run_stage(cmd, os.path.join(ROOT, run_dir, f"{stage}.out"), args.quiet)
+        rc = run_stage(cmd, os.path.join(ROOT, rdir, f"{stage}.out"), args.quiet)
         if rc != 0 or not stage_done(stage, out_dir, epochs):
-            failure = f"{row.name} seed {seed} {stage} (exit {rc}; see {run_dir}/{stage}.out)"
+            failure = f"{label} {stage} (exit {rc}; see {rdir}/{stage}.out)"
             print(f"[reproduce] FAILED: {failure}", flush=True)
             return failure  # later stages of this row/seed need this one
-        print(f"[reproduce] {row.name} seed {seed} {stage}: finished in {time.time() - t0:.0f}s")
+        print(f"[reproduce] {label} {stage}: finished in {time.time() - t0:.0f}s")
     return None
 
 
 def write_outputs(args, names: List[str]) -> None:
-    """The study's table and figure, or the report's figures and results.md."""
+    """The study's (or the schedule's) table and figure, or the report's figures and results.md."""
     if uses_study_recipe(args.plan):
+        from results.schedule import write_schedule
         from results.study import write_study
-        fig_dir = _path_arg(args.figures_dir) if args.figures_dir else args.output_root
-        written = write_study(os.path.join(ROOT, args.output_root), names, os.path.join(ROOT, fig_dir), args.plan)
+        fig_dir = os.path.join(ROOT, _path_arg(args.figures_dir) if args.figures_dir else args.output_root)
+        runs = os.path.join(ROOT, args.output_root)
+        written = (write_schedule(runs, names, args.budgets, fig_dir, args.plan) if args.budgets
+                   else write_study(runs, names, fig_dir, args.plan))
         with open(written[0]) as f:
             print(f.read())
         print(f"[reproduce] wrote {', '.join(os.path.relpath(w, ROOT) for w in written)}")
@@ -337,7 +304,8 @@ def write_outputs(args, names: List[str]) -> None:
 @cli
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    args.output_root = _path_arg(args.output_root or os.path.join("output", args.plan))
+    default_root = os.path.join("output", args.plan + (f"-{args.model}" if args.model else ""))
+    args.output_root = _path_arg(args.output_root or default_root)
     names = check_args(args)
     if uses_study_recipe(args.plan) and not args.data_path:
         args.data_path = STUDY_DATA
@@ -345,11 +313,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.data_path = _path_arg(args.data_path)
     rows = [Row(n, args.plan) for n in names]
     failures: List[str] = []
-    for row in rows:
-        for seed in range(args.seeds):
-            failure = run_row(row, seed, args)
-            if failure:
-                failures.append(failure)
+    # with budgets: the shortest budget first, every row and seed of it, so that an interrupted plan
+    # leaves complete paired comparisons behind
+    jobs = ([(row, seed, b) for b in args.budgets for seed in range(args.seeds) for row in rows]
+            if args.budgets else [(row, seed, None) for row in rows for seed in range(args.seeds)])
+    for row, seed, budget in jobs:
+        failure = run_row(row, seed, args, budget)
+        if failure:
+            failures.append(failure)
     if args.dry_run:
         return 0
     write_outputs(args, names)

@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLAN_NAMES = ("report", "study", "ablation")
+PLAN_NAMES = ("report", "study", "ablation", "schedule")
 SCRATCH = "scratch"  # the family of a row without pretraining (random init)
 
 
@@ -28,8 +28,14 @@ def load_plan(plan: str) -> Dict[str, Any]:
 
 def uses_study_recipe(plan: str) -> bool:
     """Plans with `recipe: study` run the study's pretrain -> cached probe + kNN on Fashion-MNIST
-    (reproduce.STUDY_RECIPE) and its table; the others the report's three stages."""
+    (results.recipe.STUDY_RECIPE) and its table; the others the report's three stages."""
     return load_plan(plan).get("recipe") == "study"
+
+
+def plan_budgets(plan: str) -> List[int]:
+    """The pretraining budgets (epochs) a plan runs every row at (`budgets:` in plan.yaml, e.g. the
+    schedule plan's [8, 32, 96]); [] for a plan of one budget."""
+    return [int(b) for b in load_plan(plan).get("budgets") or []]
 
 
 def plan_rows(plan: str) -> List[str]:

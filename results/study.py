@@ -13,13 +13,20 @@ import os
 from typing import Dict, List, Optional
 
 from results.plans import SCRATCH, load_plan
-from results.plots import pyplot
 from results.runs import mean_std, read_json, read_log
 
 METRICS = ("best_acc1", "last_acc1", "knn_acc")
 DELTAS = ("best_acc1", "knn_acc")
 # Collapse signals from the last pretraining epoch's log line (target_encoder.Target.health).
 HEALTH = ("target_std", "pred_std", "target_erank")
+# Pretraining wall-clock: the sum of the epochs' "seconds" in pretrain/log.txt (training loop only).
+COST = "pretrain_seconds"
+
+
+def pretrain_seconds(log: List[dict]) -> Optional[float]:
+    """Seconds of pretraining in a log.txt's records (one per epoch; a repeated epoch counts once)."""
+    per_epoch = {r.get("epoch"): float(r["seconds"]) for r in log if r.get("seconds") is not None}
+    return sum(per_epoch.values()) if per_epoch else None
 
 
 def references(plan: str = "study") -> List[str]:
@@ -27,13 +34,15 @@ def references(plan: str = "study") -> List[str]:
     return list(load_plan(plan)["references"])
 
 
-def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = None) -> Dict[str, dict]:
+def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = None,
+                  subdir: str = "") -> Dict[str, dict]:
     """{row: {"seeds": {seed: {metric: value}}, metric: (mean, std, n) | None, ...}} for finished probes,
-    with d_REF_METRIC: the paired differences to each row of `refs` (default: references())."""
+    with d_REF_METRIC: the paired differences to each row of `refs` (default: references()).
+    Runs are read from RUNS/NAME/SUBDIR/seedS (subdir: e.g. the schedule plan's "budget32")."""
     refs = references() if refs is None else refs
     out: Dict[str, dict] = {}
     for name in names:
-        d = os.path.join(runs_root, name)
+        d = os.path.join(runs_root, name, subdir)
         per_seed: Dict[int, dict] = {}
         for sd in sorted(os.listdir(d)) if os.path.isdir(d) else []:
             if not (sd.startswith("seed") and sd[4:].isdigit()):
@@ -45,9 +54,12 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
             log = read_log(os.path.join(d, sd, "pretrain", "log.txt"))
             if log:  # last pretraining epoch: how spread out targets and predictions still are
                 vals.update({k: float(log[-1][k]) for k in HEALTH if k in log[-1]})
+                seconds = pretrain_seconds(log)
+                if seconds is not None:
+                    vals[COST] = seconds
             per_seed[int(sd[4:])] = vals
         row: Dict[str, object] = {"seeds": per_seed}
-        for k in METRICS + HEALTH:
+        for k in METRICS + HEALTH + (COST,):
             row[k] = mean_std([v.get(k) for v in per_seed.values()])
         out[name] = row
     for name, row in out.items():  # paired over seeds: the seed fixes init, data order and masks
@@ -86,6 +98,7 @@ def study_table(stats: Dict[str, dict], refs: Optional[List[str]] = None) -> str
 
 def plot_study(stats: Dict[str, dict], path: str, baseline: str) -> None:
     """Two panels (probe best acc@1, kNN acc): a bar per row, std over seeds, `baseline` dashed."""
+    from results.plots import pyplot  # here: results.plots imports torch, the dry run needs none
     plt = pyplot()
     names = list(stats)
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
