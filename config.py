@@ -76,19 +76,22 @@ class RunConfig:
     """Flags every script shares: data, optimisation schedule, run bookkeeping."""
     config: str = opt("", "YAML file with defaults; command-line flags override it")
     # data
-    dataset: str = opt("cifar10", "dataset name (image_folder: your own images, resized and "
-                                  "center-cropped to 32x32 RGB, ImageNet mean/std)", "dataio.datasets.DATASETS")
+    dataset: str = opt("cifar10", "dataset name (image_folder: your own images, RGB, ImageNet mean/std; read "
+                                  "per step at their own size with --data_loader torchvision)",
+                       "dataio.datasets.DATASETS")
     data_path: str = opt("./data", "dataset root (CIFAR-10: the folder holding cifar-10-batches-py; "
                                    "CIFAR-100: the folder holding cifar-100-python; "
                                    "Fashion-MNIST: the folder holding the idx files; "
                                    "image_folder: the folder holding train/CLASS/IMAGE and val/CLASS/IMAGE)")
     train_subset: int = opt(0, "use only the first N training images (0: all), for quick studies", ge=0)
-    data_loader: str = opt("in_memory", "in_memory: uint8 set on the device, batched crop/flip; "
-                                        "torchvision: per-image PIL transforms in workers",
+    data_loader: str = opt("in_memory", "in_memory: uint8 set on the device, batched crop/flip (image_folder: "
+                                        "each image's central square at input_size, refused if it would not "
+                                        "fit); torchvision: per-image PIL transforms in workers",
                            "dataio.loader.DATA_LOADERS")
     num_workers: int = opt(4, "DataLoader worker processes (torchvision pipeline)", ge=0)
-    input_size: int = opt(32, "image side the model sees (CIFAR/Fashion-MNIST: 32, their native size; "
-                              "image_folder: any, e.g. 224 for ImageNet)", ge=1)
+    input_size: int = opt(32, "image side the model sees, a multiple of its patch (CIFAR/Fashion-MNIST: 32, "
+                              "their native size, or larger: enlarged on the fly; image_folder: any, e.g. 224)",
+                          ge=1)
     norm_mean: str = opt("", "per-channel input mean, comma-separated, 0-1 scale (empty: the dataset's; "
                              "fine-tuning/probing: the pretraining run's)")
     norm_std: str = opt("", "per-channel input std, comma-separated (empty: the dataset's; fine-tuning/"
@@ -250,6 +253,8 @@ class EvalConfig(RunConfig):
     checkpoint_key: str = opt("model", "encoder to take from it: online (model) or target",
                               "models_vit.CHECKPOINT_KEYS")
     from_scratch: bool = opt(False, "random initialisation, no pretraining (the report's baseline)")
+    input_size: int = opt(0, "image side the model sees (0: the pretraining run's, 32 from scratch; another "
+                             "size interpolates the position embeddings)", ge=0)
 
     def check_rules(self) -> None:
         super().check_rules()
@@ -290,7 +295,7 @@ class FinetuneConfig(EvalConfig):
         (aa: foo) fails here in one line, not in a worker mid-epoch."""
         from dataio.augment import finetune_transform
         try:
-            finetune_transform(self, self.input_size, (0.5,) * 3, (0.5,) * 3)
+            finetune_transform(self, self.input_size or 32, (0.5,) * 3, (0.5,) * 3)
         except Exception as e:  # timm asserts (AssertionError) or raises ValueError/KeyError
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"aa {self.aa!r} is not a RandAugment policy timm accepts ({why}); e.g. "

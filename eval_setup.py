@@ -15,6 +15,7 @@ from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, resolve_precision
 
 OUTPUT_ROOT = "output"
+DEFAULT_INPUT_SIZE = 32  # the report's; every run from before --input_size was 32x32
 RESUME_KEYS = ("model", "optimizer", "config", "epoch", "step", "best_acc1", "last")  # what continuing reads
 
 
@@ -83,9 +84,15 @@ def setup_eval_run(cfg, kind: str):
     return device, start, own
 
 
-def inherit_normalization(cfg, pretrained: dict) -> None:
-    """Unset --norm_mean/--norm_std take the pretraining run's values (same dataset only): the
-    encoder is evaluated on inputs scaled as it learned them."""
+def inherit_from_pretraining(cfg, pretrained: dict) -> None:
+    """What an unset flag takes from the run this one starts from (a pretraining run, or this
+    run's own checkpoint): --input_size (0), and on the same dataset --norm_mean/--norm_std, so
+    the encoder is evaluated on inputs sized and scaled as it learned them. Said when it happens."""
+    if not cfg.input_size:
+        cfg.input_size = pretrained.get("input_size", DEFAULT_INPUT_SIZE)  # older runs: all 32x32
+        print(f"input_size {cfg.input_size} (from the pretraining run)")
+    else:
+        note_input_size(cfg, pretrained)
     if pretrained.get("dataset") != cfg.dataset:
         return
     for key in ("norm_mean", "norm_std"):
@@ -95,12 +102,11 @@ def inherit_normalization(cfg, pretrained: dict) -> None:
 
 
 def note_input_size(cfg, pretrained: dict) -> None:
-    """Say so when this run's --input_size differs from the pretraining run's: the position
-    embeddings are interpolated to it, and an unset --input_size is 32, not the pretrained size."""
-    was = pretrained.get("input_size", 32)  # checkpoints from before --input_size were all 32x32
+    """Say so when --input_size differs from the pretraining run's: the position embeddings are
+    interpolated to it (models_vit.load_pretrained_encoder says from which grid to which)."""
+    was = pretrained.get("input_size", DEFAULT_INPUT_SIZE)
     if was != cfg.input_size:
-        print(f"note: pretrained at {was}x{was}, this run takes {cfg.input_size}x{cfg.input_size} "
-              f"(--input_size); the position embeddings are interpolated")
+        print(f"note: pretrained at {was}x{was}, this run takes {cfg.input_size}x{cfg.input_size} (--input_size)")
 
 
 def prepare_run(cfg, kind: str):
@@ -118,7 +124,7 @@ def prepare_run(cfg, kind: str):
     if own is not None:
         cfg.model = own["config"]["model"]
         start.init = own.get("init")
-        inherit_normalization(cfg, own["config"])
+        inherit_from_pretraining(cfg, own["config"])
     elif start.init_ckpt is not None:
         pretrained = start.init_ckpt["config"]["model"]
         encoder = encoder_name_for(pretrained)
@@ -126,8 +132,8 @@ def prepare_run(cfg, kind: str):
             raise UserError(f"{start.init}: architecture mismatch, pretrained {pretrained} has encoder "
                             f"{encoder} but --model is {cfg.model}")
         cfg.model = encoder
-        inherit_normalization(cfg, start.init_ckpt["config"])
-        note_input_size(cfg, start.init_ckpt["config"])
+        inherit_from_pretraining(cfg, start.init_ckpt["config"])
     else:
         cfg.model = cfg.model or DEFAULT_MODEL
+        cfg.input_size = cfg.input_size or DEFAULT_INPUT_SIZE
     return start, own

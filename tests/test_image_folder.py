@@ -88,19 +88,23 @@ def test_pretrain_at_64_from_files(pretrained):
     assert record["step"] == 3 and 0 <= record["knn_acc"] <= 100  # kNN over the files' eval transform
 
 
-@pytest.mark.parametrize("size", [64, 32])
+@pytest.mark.parametrize("size", [0, 32])
 @pytest.mark.parametrize("script", ["main_finetune", "main_linprobe"])
 def test_finetune_and_probe_at_64_and_32(pretrained, folder, tmp_path, capsys, script, size):
-    """At 32 the 4x4 grid of position embeddings is interpolated to 2x2 (models_vit)."""
+    """Unset (0), --input_size is the pretraining run's 64; at 32 the 4x4 grid of position
+    embeddings is interpolated to 2x2 (models_vit)."""
     extra = FT if script == "main_finetune" else ("--knn",)
-    run_main(script, *smoke_args(folder, tmp_path, *COMMON, *VIT_P16, "--input_size", size, "--finetune",
+    sized = ("--input_size", size) if size else ()
+    run_main(script, *smoke_args(folder, tmp_path, *COMMON, *VIT_P16, *sized, "--finetune",
                                  pretrained, "--data_loader", "torchvision", *extra))
     with open(tmp_path / "results.json") as f:
         assert 0 <= json.load(f)["last_acc1"] <= 100
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     pos_embed = next(v for k, v in ckpt["model"].items() if k.endswith("pos_embed"))
-    assert pos_embed.shape[1] == 1 + (size // 16) ** 2
-    assert ("position embeddings are interpolated" in capsys.readouterr().out) == (size != 64)
+    assert pos_embed.shape[1] == 1 + ((size or 64) // 16) ** 2
+    out = capsys.readouterr().out
+    assert ("input_size 64 (from the pretraining run)" in out) == (not size)
+    assert ("position embeddings interpolated from 4x4 to 2x2 patches" in out) == (size == 32)
 
 
 # ---- the per-image transforms at size N ---------------------------------------------------------

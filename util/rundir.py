@@ -50,6 +50,11 @@ def ensure_writable(output_dir: str) -> None:
             os.remove(probe)
 
 
+# What every run saved before an option existed resolved it to, where that is not the option's
+# default (fine-tuning/probing --input_size 0 means "the pretraining run's": it was 32).
+LEGACY_VALUES = {"input_size": 32}
+
+
 def _same_path(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
@@ -94,7 +99,7 @@ def prepare_output_dir(cfg, resume: Optional[str] = None, resume_ckpt: Optional[
     """
     check_same_run(cfg.to_dict(), cfg.output_dir, resume, (resume_ckpt or {}).get("config"),
                    explicit=bool(cfg.resume) and resume is not None and _same_path(cfg.resume, resume),
-                   defaults=type(cfg)().to_dict())
+                   defaults={**type(cfg)().to_dict(), **LEGACY_VALUES})
     if write:
         ensure_writable(cfg.output_dir)
         sweep_stale_temp(cfg.output_dir)
