@@ -150,13 +150,13 @@ def bench_pretrain(images, args, device, fast: bool, kind: str):
 
 def bench_precision(images, args, device):
     """fp32 eager vs bf16 eager vs bf16 + torch.compile of the engine's pretraining step, for
-    every registered target, on the same few pre-drawn in-memory batches (the step alone, no
-    loader cost). The three variants of a target are timed in turn, --repeats rounds, and each
-    keeps its best round (a shared machine's load hits them alike); ratio = that variant's
-    img/s / fp32 eager's img/s of the same target."""
+    each target in --targets (default: every registered one), on the same few pre-drawn
+    in-memory batches (the step alone, no loader cost). The three variants of a target are
+    timed in turn, --repeats rounds, and each keeps its best round (a shared machine's load
+    hits them alike); ratio = that variant's img/s / fp32 eager's img/s of the same target."""
     labels = np.zeros(len(images), dtype=np.int64)
     rows = []
-    for kind in TARGETS:
+    for kind in args.targets:
         runs, rates, warmups = {}, {}, {}
         for variant, precision, compile_ in PRECISION_VARIANTS:
             cfg = pretrain_config(args, device, kind, precision, compile_)
@@ -176,7 +176,7 @@ def bench_precision(images, args, device):
 def precision_row(kind, variant, precision, compile_, device, rates, warmups):
     """One precision row; printed as it is made (a CPU run of the report's model takes minutes)."""
     rate, reference = rates[variant], rates[PRECISION_VARIANTS[0][0]]
-    print(f"{kind:8s} {variant:14s} {rate:10.1f} img/s  x{rate / reference:.2f} vs fp32 eager  "
+    print(f"{kind:8s} {variant:14s} {rate_text(rate)} img/s  x{rate / reference:.2f} vs fp32 eager  "
           f"(warm-up {warmups[variant]:.1f}s)", flush=True)
     return dict(bench=f"precision_{kind}", variant=variant, dtype=dtype_of(precision, device), compile=compile_,
                 images_per_s=rate, s_per_50k_epoch=EPOCH_IMAGES / rate, ratio=rate / reference,
@@ -247,6 +247,11 @@ def bench_features(images, args, device):
     return dict(bench="features", variant="eval_no_grad", dtype=dtype_of(precision, device), images_per_s=rate)
 
 
+def rate_text(images_per_s: float) -> str:
+    """img/s, 10 wide: one decimal, three below 10 img/s (emulated bf16 on the report's model)."""
+    return f"{images_per_s:>10.1f}" if images_per_s >= 10 else f"{images_per_s:>10.3f}"
+
+
 def dtype_of(precision: str, device: torch.device) -> str:
     """What autocast actually runs in (util.runtime.autocast: bf16 on CUDA and CPU)."""
     return "bf16" if precision == "bf16" and device.type in ("cuda", "cpu") else "fp32"
@@ -258,7 +263,8 @@ def parse(argv):
     p.add_argument("--model", default="mae_vit_tiny_patch4", help="models_mae name (mae_vit_smoke_patch4: fast)")
     p.add_argument("--batch_size", type=int, default=None, help="default 64 on CPU, 512 on CUDA")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU, 50 on CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 10 CUDA)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default 1 CPU, 10 CUDA; precision bench: at least 1)")
     p.add_argument("--images", type=int, default=10000, help="random uint8 32x32 images")
     p.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default 0 2 on CPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -266,7 +272,9 @@ def parse(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path (CUDA and CPU)")
     p.add_argument("--bench", nargs="+", default=list(BENCHES), choices=BENCHES,
                    help="which comparisons to run (default: all); precision = fp32 eager vs bf16 eager vs "
-                        "bf16+compile of the pretraining step, every target")
+                        "bf16+compile of the pretraining step, each target")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS),
+                   help="pretrain and precision benches: these target kinds (default: every registered one)")
     p.add_argument("--repeats", type=int, default=1,
                    help="precision bench: timed rounds per variant, taken in turn; the best is kept")
     p.add_argument("--threads", type=int, default=0,
@@ -290,7 +298,7 @@ def run_benches(images, args, device):
     if "data" in args.bench:
         rows += bench_data(images, args, device)
     if "pretrain" in args.bench:
-        for kind in TARGETS:
+        for kind in args.targets:
             fast, base = (bench_pretrain(images, args, device, f, kind) for f in (True, False))
             fast["ratio"] = fast["images_per_s"] / base["images_per_s"]  # fast / baseline
             rows += [fast, base]
@@ -310,7 +318,7 @@ def print_table(rows, args) -> None:
     for r in rows:
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
         print(f"{r['bench']:<20}{r['variant']:<26}{r['device']:<24}{r['batch_size']:>6} {r['dtype']:<6}"
-              f"{r['images_per_s']:>10.1f}{ratio:>8}")
+              f"{rate_text(r['images_per_s'])}{ratio:>8}")
     print("ratio: data rows = in_memory / that loader; pretrain fast rows = fast / baseline; "
           "precision rows = that variant / fp32_eager of the same target")
     for r in rows:
