@@ -62,19 +62,25 @@ class Classification:
         return {}
 
     def train_step(self, batch, step: Step) -> Optional[Dict[str, torch.Tensor]]:
-        """x (N, C, H, W) or cached features (N, D), labels (N,) -> the step's loss, or None if skipped."""
+        """x (N, C, H, W) or cached features (N, D), labels (N,) -> the batch's loss, or None if
+        skipped. With --accum_iter K, one of K micro-batches of an optimizer step (util.trainer.Step)."""
         x, y = batch
         if self.mixup_fn is not None:
             x, y = self.mixup_fn(x, y)
-        with autocast(x.device, self.cfg.precision):
-            loss = self.criterion(self.forward(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # even on a step to skip: DDP's reducer expects every forward to get one
-        if step.skip(loss):
+        if step.first:  # an optimizer step starts from zero gradients
+            self.optimizer.zero_grad(set_to_none=True)
+        with step.no_sync(self.forward):  # DDP all-reduces once per optimizer step, on its last batch
+            with autocast(x.device, self.cfg.precision):
+                loss = self.criterion(self.forward(x), y)
+            # 1/K: the K micro-batches' gradients sum to their mean. Backward even on a step to
+            # skip: DDP's reducer expects every forward to get one.
+            (loss * step.loss_scale).backward()
+        if step.skip(loss):  # non-finite (--skip_nonfinite): its optimizer step is skipped too
             return None
-        if getattr(self.cfg, "clip_grad", None):
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.clip_grad)
-        self.optimizer.step()
+        if step.update:  # the optimizer step's last batch: clip the summed gradient, then step
+            if getattr(self.cfg, "clip_grad", None):
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.clip_grad)
+            self.optimizer.step()
         return {"loss": loss.detach()}
 
     def end_epoch(self, epoch: int) -> Dict[str, object]:

@@ -2,7 +2,9 @@
 
 One step, top to bottom: draw the mask, encode the visible patches, decode, regress this
 epoch's target (target_encoder.py decides which and computes it), backward, step, then let
-the target update itself (per-step EMA).
+the target update itself (per-step EMA). With --accum_iter K a step is one of K micro-batches
+(util.trainer.Step): gradients add up over them and the optimizer and the target move on the
+K-th only.
 """
 import os
 from typing import Callable, Dict, Optional
@@ -55,19 +57,25 @@ class Pretraining:
                 enc.compiled = True
 
     def train_step(self, batch, step: Step) -> Optional[Dict[str, torch.Tensor]]:
-        """imgs (N, C, H, W) on the device -> the step's statistics, or None if skipped."""
+        """imgs (N, C, H, W) on the device -> the batch's statistics, or None if skipped."""
         imgs, _ = batch
         cfg, world = self.cfg, dist.world()
+        # Drawn per micro-batch: K micro-batches of B mask as one batch of K*B would (one stream).
         noise = torch.rand(len(imgs) * world, self.model.encoder.num_patches, device=imgs.device)[dist.rank()::world]
-        with autocast(imgs.device, cfg.precision):  # the target pass runs in the same precision
-            preds, mask = self.forward(imgs, cfg.mask_ratio, self.heads, noise)
-            loss, stats = self.target.loss(self.model, imgs, preds, mask, step.epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # even on a step to skip: DDP's reducer expects every forward to get one
-        if step.skip(loss):
+        if step.first:  # an optimizer step starts from zero gradients
+            self.optimizer.zero_grad(set_to_none=True)
+        with step.no_sync(self.forward):  # DDP all-reduces once per optimizer step, on its last batch
+            with autocast(imgs.device, cfg.precision):  # the target pass runs in the same precision
+                preds, mask = self.forward(imgs, cfg.mask_ratio, self.heads, noise)
+                loss, stats = self.target.loss(self.model, imgs, preds, mask, step.epoch)
+            # 1/K: the K micro-batches' gradients sum to their mean. Backward even on a step to
+            # skip: DDP's reducer expects every forward to get one.
+            (loss * step.loss_scale).backward()
+        if step.skip(loss):  # non-finite (--skip_nonfinite): its optimizer step is skipped too
             return None
-        self.optimizer.step()
-        self.target.on_step_end(step.epoch, self.model.encoder, step.global_step)
+        if step.update:  # the optimizer step's last batch: the weights move, then the target
+            self.optimizer.step()
+            self.target.on_step_end(step.epoch, self.model.encoder, step.global_step)
         return {"loss": loss.detach(), **stats}
 
     def end_epoch(self, epoch: int) -> Dict[str, object]:

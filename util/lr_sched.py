@@ -1,4 +1,8 @@
-"""Learning-rate schedule: a pure function of the fractional epoch (exact on resume)."""
+"""Learning-rate schedule: a pure function of the fractional epoch (exact on resume).
+
+util.trainer sets it at the first batch of every optimizer step, at epoch + batch / batches of
+the epoch; with --accum_iter K, at batches 0, K, 2K, ... (official MAE's
+`if data_iter_step % accum_iter == 0`), so B x K follows the schedule of batch K*B."""
 import math
 
 

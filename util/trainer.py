@@ -4,16 +4,27 @@ An engine (engine_pretrain.Pretraining, engine_finetune.Classification) says wha
 and one epoch's end mean for its task; everything else about a run lives here, once:
 
     for each epoch: seed, set the loader's epoch, engine.begin_epoch
-        for each batch: lr schedule, engine.train_step, running sums, progress, signal stop
+        for each batch: lr schedule (at an optimizer step's first batch), engine.train_step,
+            running sums; after an optimizer step's last batch: progress, signal stop
         engine.end_epoch (evaluation, target update), checkpoint-last (the commit point),
         then what derives from it: checkpoint-N.pth and the epoch's log.txt line
 
-Guarantees, each tested: a stop (SIGTERM/SIGINT) finishes the current step, saves a mid-epoch
-checkpoint and exits 128 + signal number; rerunning resumes at that exact step (RNG state and
+Gradient accumulation (--accum_iter K, as official MAE): K consecutive batches of an epoch
+(micro-batches) make one optimizer step, their losses scaled by 1/K so the summed gradient is
+the mean over the K batches: batch B x K steps as batch K*B would. The lr is set at each group's
+first batch (MAE: `if data_iter_step % accum_iter == 0`). An epoch whose length is not a multiple
+of K ends with a shorter group, flushed as a step of its own (its losses scaled by 1/its size),
+so no gradient is carried across an epoch's end: checkpoints (epoch ends, and stops, which wait
+for the end of the current group) never fall inside a group, and resume stays exact. (Official
+MAE instead drops such a remainder: it zeroes the gradients at each epoch's start.)
+
+Guarantees, each tested: a stop (SIGTERM/SIGINT) finishes the current optimizer step (all its
+micro-batches), saves a mid-epoch checkpoint and exits 128 + signal number; rerunning resumes at that exact step (RNG state and
 the epoch's running sums included, so the log line equals an uninterrupted run's); a NaN/inf
 loss stops without saving (or is skipped, --skip_nonfinite); a crash after the commit point is
 repaired by the next run, which rewrites the missing checkpoint-N.pth and log line.
 """
+import contextlib
 import os
 import sys
 import time
@@ -24,6 +35,7 @@ import torch
 
 from util import distributed as dist
 from util.checkpoint import rng_state, save_checkpoint
+from util.errors import UserError
 from util.logger import RunLogger
 from util.lr_sched import adjust_learning_rate
 from util.nonfinite import NonFiniteGuard
@@ -36,12 +48,16 @@ class TrainState:
     """Where a run is; saved in every checkpoint and restored from it.
 
     epoch: the epoch to run next, or the one in progress when epoch_step > 0.
-    step: optimizer steps taken over the whole run (the TensorBoard axis).
-    epoch_step: batches of `epoch` already done (a mid-epoch checkpoint).
+    step: optimizer steps taken over the whole run, skipped ones included (the TensorBoard
+        axis); batches / accum_iter with --accum_iter.
+    epoch_step: batches of `epoch` already done (a mid-epoch checkpoint; always the end of an
+        optimizer step).
     skipped: non-finite steps skipped so far (--skip_nonfinite bounds the whole run).
     sums, trained: running sums of the epoch's step statistics and how many steps they hold.
     rng: RNG states at a mid-epoch checkpoint, restored before its next batch.
     record: the log line of the last finished epoch (re-written if a crash lost it).
+    world_size: the processes that wrote the checkpoint (a mid-epoch one continues only with as
+        many: the rest of its epoch is sharded for them). None: an older checkpoint.
     """
     epoch: int = 0
     step: int = 0
@@ -51,12 +67,13 @@ class TrainState:
     trained: int = 0
     rng: Optional[dict] = None
     record: Optional[dict] = None
+    world_size: Optional[int] = None
 
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step,
                 "skipped_nonfinite": self.skipped, "rng": rng_state(), "log_record": self.record,
                 "epoch_sums": {k: v.detach().cpu() for k, v in self.sums.items()},
-                "epoch_trained": self.trained}
+                "epoch_trained": self.trained, "world_size": dist.world()}
 
     @classmethod
     def from_checkpoint(cls, ckpt: Dict[str, Any]) -> "TrainState":
@@ -66,20 +83,81 @@ class TrainState:
                    skipped=ckpt.get("skipped_nonfinite", 0), rng=ckpt["rng"] if mid_epoch else None,
                    sums=dict(ckpt.get("epoch_sums") or {}) if mid_epoch else {},
                    trained=ckpt.get("epoch_trained", 0) if mid_epoch else 0,
-                   record=ckpt.get("log_record"))
+                   record=ckpt.get("log_record"), world_size=ckpt.get("world_size"))
+
+
+@dataclass
+class Group:
+    """The batches [start, end) of an epoch that make one optimizer step (--accum_iter)."""
+    start: int
+    end: int
+    skipped: bool = False  # one of its batches had a non-finite loss: no optimizer step
+
+    @classmethod
+    def opened_by(cls, index: int, accum_iter: int, batches: int) -> "Group":
+        """The group batch `index` opens: up to the next multiple of accum_iter, or the epoch's end.
+        Groups start at multiples of accum_iter, except the first one after a resume from a
+        checkpoint written with another --accum_iter."""
+        return cls(index, min(index - index % accum_iter + accum_iter, batches))
+
+
+def optimizer_steps(batches: int, accum_iter: int) -> int:
+    """Optimizer steps in an epoch of `batches` batches (the last takes the remainder)."""
+    return -(-batches // accum_iter)
 
 
 @dataclass
 class Step:
-    """What an engine's train_step knows about the step it runs."""
+    """What an engine's train_step knows about the batch it runs.
+
+    An optimizer step is made of the batches of `group` (one batch without --accum_iter). The
+    engine zeroes the gradients on the `first`, scales every loss by `loss_scale`, runs the
+    forward and backward inside `no_sync(forward)`, asks `skip(loss)`, and steps the optimizer
+    (and updates the target) where `update` says so.
+    """
     epoch: int
     index: int        # batch index within the epoch
-    global_step: int  # optimizer steps over the run, this one included (1-based)
+    global_step: int  # the optimizer step this batch contributes to, over the run (1-based)
     guard: NonFiniteGuard
+    group: Optional[Group] = None  # default: this batch alone
+
+    def __post_init__(self):
+        if self.group is None:
+            self.group = Group(self.index, self.index + 1)
+
+    @property
+    def first(self) -> bool:
+        """The group's first batch: the optimizer step starts from zero gradients."""
+        return self.index == self.group.start
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.group.end - 1
+
+    @property
+    def loss_scale(self) -> float:
+        """1 / the group's batches: the gradients they sum to are the mean over them."""
+        return 1.0 / (self.group.end - self.group.start)
+
+    @property
+    def update(self) -> bool:
+        """Step the optimizer after this batch: the group's last, none of its batches skipped."""
+        return self.last and not self.group.skipped
 
     def skip(self, loss: torch.Tensor) -> bool:
-        """--skip_nonfinite: True if this step's update must be skipped (call after backward)."""
-        return self.guard.skip(loss, self.epoch, self.index)
+        """--skip_nonfinite: True if this batch's loss is to be skipped (call after backward, on
+        every batch: under torchrun a collective). Its group then takes no optimizer step: the
+        gradients summed so far already hold the non-finite values."""
+        bad = self.guard.skip(loss, self.epoch, self.index)
+        self.group.skipped |= bad
+        return bad
+
+    def no_sync(self, module):
+        """Context for this batch's forward and backward: DDP's no_sync (no gradient all-reduce)
+        on every batch of a group but its last, whose backward all-reduces the summed gradients
+        once. A no-op for a plain module (one process) and for the group's last batch."""
+        sync_off = getattr(module, "no_sync", None)
+        return contextlib.nullcontext() if self.last or sync_off is None else sync_off()
 
 
 class Run:
@@ -92,11 +170,22 @@ class Run:
         cfg.output_dir itself, log.txt is rewound to it and what a crash lost is re-made."""
         self.cfg, self.engine, self.loader = cfg, engine, loader
         self.state = TrainState.from_checkpoint(resumed_from) if resumed_from else TrainState()
+        self._check_world(resumed_path)
         self.own_run = resumed_path is not None and (
             os.path.dirname(os.path.abspath(resumed_path)) == os.path.abspath(cfg.output_dir))
         self.guard = NonFiniteGuard(cfg.skip_nonfinite, self.state.skipped)
         self.logger = RunLogger(cfg.output_dir, enabled=dist.is_main())
         self.last_path = os.path.join(cfg.output_dir, "checkpoint-last.pth")
+
+    def _check_world(self, path: Optional[str]) -> None:
+        """A mid-epoch checkpoint continues only with the process count that wrote it: the rest
+        of its epoch (which images, in which batches) is sharded for that many. An epoch-end
+        checkpoint continues on any layout (docs/MULTINODE.md)."""
+        state, now = self.state, dist.world()
+        if state.epoch_step and state.world_size not in (None, now):
+            raise UserError(f"{path}: stopped inside epoch {state.epoch} (batch {state.epoch_step}) with "
+                            f"{state.world_size} processes; finish that epoch with {state.world_size} (torchrun "
+                            f"--nnodes x --nproc_per_node), not {now}, then change the layout")
 
     def fit(self) -> None:
         """Train to the end or to a stop; exits non-zero on a stop or a non-finite loss."""
@@ -128,21 +217,27 @@ class Run:
 
     def _train_epoch(self, epoch: int, stop: StopRequest) -> Dict[str, float]:
         """The batches of one epoch from state.epoch_step on; returns the epoch's averages."""
-        cfg, state, n = self.cfg, self.state, len(self.loader)
+        cfg, state, n, k = self.cfg, self.state, len(self.loader), self.cfg.accum_iter
         # First non-finite step, tracked on the device and read when we sync anyway.
         bad = torch.full((), -1, dtype=torch.long, device=self.engine.device)
-        lr, start, t0 = 0.0, state.epoch_step, time.time()
+        lr, start, t0, group = 0.0, state.epoch_step, time.time(), None
         bar, batches = epoch_batches(self.loader, epoch, state.epoch_step, state.rng)
         for i, batch in batches:
-            lr = adjust_learning_rate(self.engine.optimizer, epoch + i / n, cfg)
-            out = self.engine.train_step(batch, Step(epoch, i, state.step + 1, self.guard))
-            state.step, state.epoch_step = state.step + 1, i + 1
+            if group is None or i == group.end:  # the first batch of an optimizer step
+                group = Group.opened_by(i, k, n)
+                lr = adjust_learning_rate(self.engine.optimizer, epoch + i / n, cfg)
+            out = self.engine.train_step(batch, Step(epoch, i, state.step + 1, self.guard, group))
+            state.epoch_step = i + 1
             if out is not None:  # None: a skipped non-finite step
                 self._accumulate(out)
                 bad = torch.where((bad < 0) & ~torch.isfinite(out["loss"]), i, bad)
-            if should_stop(stop, i + 1, cfg.print_freq, self.engine.device):
+            if i + 1 < group.end:  # inside a group: no stop, so no checkpoint holds half a step
+                continue
+            state.step += 1
+            done = optimizer_steps(i + 1, k)  # this epoch's optimizer steps: the same on every rank
+            if should_stop(stop, done, cfg.print_freq, self.engine.device):
                 break
-            if (i + 1) % cfg.print_freq == 0:
+            if done % cfg.print_freq == 0:
                 if bad.item() >= 0:  # host sync, once every print_freq steps
                     break  # later steps would only train on NaN weights
                 self._progress(bar, out, lr)
