@@ -1,9 +1,15 @@
 """torch.distributed, switched on by torchrun's environment (RANK, WORLD_SIZE), off otherwise.
 
-    torchrun --nproc_per_node N main_pretrain.py ...
+    torchrun --nproc_per_node N main_pretrain.py ...                       # one machine
+    torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d \
+        --rdzv_endpoint HOST:PORT --rdzv_id JOB main_pretrain.py ...       # M machines (docs/MULTINODE.md)
 
-NCCL on CUDA, gloo on CPU. Only rank 0 writes files and prints (other ranks' stdout goes to
-/dev/null; errors still reach stderr).
+torchrun sets, for every worker: RANK and WORLD_SIZE (global: over all machines), LOCAL_RANK
+(the worker's index on its machine: its GPU), LOCAL_WORLD_SIZE, and MASTER_ADDR/MASTER_PORT of
+the store the process group meets at (with c10d, the one the rendezvous chose). The process group
+is created from those (init_method env://), so single- and multi-machine runs take the same path.
+NCCL on CUDA, gloo on CPU. Only global rank 0 writes files and prints (other ranks' stdout goes
+to /dev/null; errors still reach stderr).
 """
 import os
 import sys
@@ -11,18 +17,33 @@ import sys
 import torch
 import torch.distributed as dist
 
+from util.errors import UserError
+
 
 def init_distributed(device: torch.device) -> torch.device:
-    """Join the process group if launched by torchrun; returns this rank's device."""
+    """Join the process group if launched by torchrun; returns this rank's device
+    (cuda:LOCAL_RANK on CUDA: the device index counts on this machine, the rank over all)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = local_rank()
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s): --nproc_per_node must not exceed the GPUs of a machine")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    print(f"distributed: {dist.get_world_size()} processes ({dist.get_backend()}), "
+          f"{local_world} on this machine; global rank 0 writes")
     return device
+
+
+def local_rank() -> int:
+    """This worker's index on its machine (torchrun's LOCAL_RANK; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def world() -> int:
