@@ -197,6 +197,8 @@ class PretrainConfig(RunConfig):
     feature_ramp: int = opt(0, "after the switch, ramp the feature loss weight to 1 over this many epochs",
                             ge=0)
     slow_lambda: float = opt(0.2, "dual: weight of the every-K snapshot loss", ge=0)
+    num_masks: int = opt(1, "masked views per image per step, sharing ONE target pass (data2vec 2.0's "
+                            "multi-mask); the batch's compute grows M times on the online side only", ge=1)
     # Recipe details an independent loop of the same method chose differently (issue 17,
     # docs/RESULTS.md section 3): each is an option, the default being official MAE's choice.
     wd_norm_bias: bool = opt(False, "weight-decay every parameter (LayerNorm gains, biases, cls and mask "

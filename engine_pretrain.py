@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from export_weights import export_encoders
 from util import distributed as dist
 from util.runtime import autocast, compile_module, compiled_graphs
 from util.trainer import Step
@@ -59,14 +60,17 @@ class Pretraining:
     def train_step(self, batch, step: Step) -> Optional[Dict[str, torch.Tensor]]:
         """imgs (N, C, H, W) on the device -> the batch's statistics, or None if skipped."""
         imgs, _ = batch
-        cfg, world = self.cfg, dist.world()
-        # Drawn per micro-batch: K micro-batches of B mask as one batch of K*B would (one stream).
-        noise = torch.rand(len(imgs) * world, self.model.encoder.num_patches, device=imgs.device)[dist.rank()::world]
+        cfg, world, m = self.cfg, dist.world(), self.cfg.num_masks
+        # Drawn per micro-batch: K micro-batches of B mask as one batch of K*B would (one stream);
+        # M masks per image (--num_masks): rows m*N..(m+1)*N-1 are the m-th view of the batch.
+        noise = torch.rand(m, len(imgs) * world, self.model.encoder.num_patches,
+                           device=imgs.device)[:, dist.rank()::world].flatten(0, 1)
+        views = imgs.repeat(m, 1, 1, 1) if m > 1 else imgs  # the target pass still sees imgs once
         if step.first:  # an optimizer step starts from zero gradients
             self.optimizer.zero_grad(set_to_none=True)
         with step.no_sync(self.forward):  # DDP all-reduces once per optimizer step, on its last batch
             with autocast(imgs.device, cfg.precision):  # the target pass runs in the same precision
-                preds, mask = self.forward(imgs, cfg.mask_ratio, self.heads, noise)
+                preds, mask = self.forward(views, cfg.mask_ratio, self.heads, noise)
                 loss, stats = self.target.loss(self.model, imgs, preds, mask, step.epoch)
             # 1/K: the K micro-batches' gradients sum to their mean. Backward even on a step to
             # skip: DDP's reducer expects every forward to get one.
@@ -107,4 +111,9 @@ class Pretraining:
         self.target.load_state_dict(ckpt, self.model.encoder)
 
     def finish(self) -> None:
-        print(f"done: {os.path.join(self.cfg.output_dir, 'checkpoint-last.pth')}")
+        """The run's encoders as timm-ready safetensors beside the checkpoint (export_weights.py)."""
+        last = os.path.join(self.cfg.output_dir, "checkpoint-last.pth")
+        if dist.is_main():  # Run.fit calls finish on every rank
+            for path, call in export_encoders(last, self.cfg.output_dir).items():
+                print(f"timm-ready weights: {path}\n  load: {call}")
+        print(f"done: {last}")

@@ -28,7 +28,7 @@ from util.checkpoint import load_checkpoint
 from util.errors import UserError, cli
 from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, resolve_precision, speed_options
-from util.trainer import Run
+from util.trainer import Run, optimizer_steps
 
 RESUME_KEYS = ("model", "optimizer", "config", "epoch", "step")  # what continuing a run reads
 
@@ -107,7 +107,8 @@ def main(argv=None) -> None:
     mean, std = normalization(cfg)
     augment = dataclasses.replace(PRETRAIN, interpolation=cfg.crop_interpolation)
     loader = build_train_loader(cfg, images, train_set[1], device, mean, std, augment, resume=ckpt)
-    engine = build_engine(cfg, device, train_set, mean, std, len(loader))
+    # the per-step EMA schedule counts optimizer steps (--accum_iter batches each)
+    engine = build_engine(cfg, device, train_set, mean, std, optimizer_steps(len(loader), cfg.accum_iter))
     if ckpt is not None:
         check_input_channels(ckpt["model"], image_channels(images), resume, key="encoder.patch_embed.proj.weight",
                              pretrained_on=ckpt["config"].get("dataset"))
@@ -119,7 +120,8 @@ def main(argv=None) -> None:
         print(f"resumed from {resume} at epoch {ckpt['epoch']}{at}")
     n_params = sum(p.numel() for p in engine.model.parameters())
     print(f"{cfg.model} ({n_params / 1e6:.2f}M params) target={cfg.target} on {device}, "
-          f"{len(images)} images, {len(loader)} steps/epoch, lr {cfg.lr:.2e}, output {cfg.output_dir}")
+          f"{len(images)} images, {len(loader)} batches/epoch, effective batch "
+          f"{cfg.batch_size * cfg.accum_iter * dist.world()}, lr {cfg.lr:.2e}, output {cfg.output_dir}")
     Run(cfg, engine, loader, ckpt, resume).fit()
 
 

@@ -65,6 +65,14 @@ def build_target(cfg, steps_per_epoch: int = 1) -> "Target":
     return TARGETS[cfg.target](cfg, steps_per_epoch)
 
 
+def per_mask(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-image targets (N, L, K) -> (M*N, L, K) for a mask of M*N rows (--num_masks M): each
+    image's target is computed once and shared by its M masked views (data2vec 2.0), in the
+    model's batch order imgs.repeat(M, ...), i.e. view m of image i is row m*N + i."""
+    m = mask.shape[0] // t.shape[0]
+    return t if m == 1 else t.repeat(m, 1, 1)
+
+
 def pixel_target(patches: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
     """(N, L, K) patchified pixels -> regression target; per-patch normalised if asked (MAE)."""
     if not norm_pix_loss:
@@ -246,20 +254,21 @@ class Target:
 
         Args:
             model: the unwrapped MaskedAutoencoderViT (for patchify).
-            imgs: (N, C, H, W), the same augmented tensor the online model saw.
-            preds: output of the model for `self.heads(epoch)`.
-            mask: (N, L), 1 is remove.
+            imgs: (N, C, H, W), the augmented images the online model saw (M times each with
+                --num_masks M: the targets are computed once per image, see `per_mask`).
+            preds: output of the model for `self.heads(epoch)`, (M*N, L, K) each.
+            mask: (M*N, L), 1 is remove.
         Returns:
             loss (scalar) and detached device-side statistics for logging (no host sync).
         """
         if not self.uses_features(epoch):
-            pred, tgt = preds[PIXEL_HEAD], pixel_target(model.patchify(imgs), self.norm_pix_loss)
+            pred, tgt = preds[PIXEL_HEAD], per_mask(pixel_target(model.patchify(imgs), self.norm_pix_loss), mask)
             loss = masked_mse(pred, tgt, mask)
         else:
-            pred, tgt = preds[FEATURE_HEAD], self.feature_target(imgs)
+            pred, tgt = preds[FEATURE_HEAD], per_mask(self.feature_target(imgs), mask)
             loss = self.feature_weight(epoch) * self.feature_loss(pred, tgt, imgs, mask)
             if self.pixel_weight > 0:
-                pix = pixel_target(model.patchify(imgs), self.norm_pix_loss)
+                pix = per_mask(pixel_target(model.patchify(imgs), self.norm_pix_loss), mask)
                 loss = loss + self.pixel_weight * masked_mse(preds[PIXEL_HEAD], pix, mask)
         self.last_target = tgt.detach()  # for `health` at the epoch's end (one reference, no copy)
         # Spread of targets and predictions across tokens: a collapsing target shows here first.
@@ -408,7 +417,7 @@ class DualTarget(EMATarget):
         return ema
 
     def feature_loss(self, pred, tgt, imgs, mask) -> torch.Tensor:
-        slow = masked_mse(pred, self.feature_target(imgs, self.slow), mask)
+        slow = masked_mse(pred, per_mask(self.feature_target(imgs, self.slow), mask), mask)
         return super().feature_loss(pred, tgt, imgs, mask) + self.slow_lambda * slow
 
     def teachers(self) -> Tuple[Optional[MAEEncoder], ...]:

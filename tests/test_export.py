@@ -156,3 +156,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and why in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_pretraining_writes_the_timm_files_at_the_end(pretrained):
+    target, ckpt_path = pretrained
+    files = set(os.listdir(os.path.dirname(ckpt_path)))
+    assert "encoder.safetensors" in files
+    assert ("target_encoder.safetensors" in files) == (target == "ema")
