@@ -182,7 +182,8 @@ class PretrainConfig(RunConfig):
     norm_pix_loss: bool = opt(False, "regress per-patch normalised pixels (MAE's option)")
     target: str = opt(PixelTarget.kind, "reconstruction target, a kind in target_encoder.TARGETS",
                       "target_encoder.TARGETS")
-    k: int = opt(10, "mae_k: refresh the target encoder every K epochs (pixels before epoch K)", ge=1)
+    k: int = opt(10, "mae_k: refresh the target encoder every K epochs (pixels before epoch K); dual: its "
+                     "snapshot's period; staged: each stage's length", ge=1)
     tau: float = opt(0.995, "ema: target = tau * target + (1 - tau) * online (0.995 = slow)", ge=0, lt=1)
     wse: int = opt(20, "ema: warm-up epochs on pixels before the target encoder is created", ge=0)
     ema_every: str = opt("epoch", "ema: update after every epoch or every optimizer step",
@@ -199,6 +200,8 @@ class PretrainConfig(RunConfig):
     slow_lambda: float = opt(0.2, "dual: weight of the every-K snapshot loss", ge=0)
     num_masks: int = opt(1, "masked views per image per step, sharing ONE target pass (data2vec 2.0's "
                             "multi-mask); the batch's compute grows M times on the online side only", ge=1)
+    stage_reset: bool = opt(False, "re-initialise the student (weights and optimizer moments) whenever the "
+                                   "target encoder is refreshed (dBOT's staged teachers: --target staged)")
     # Recipe details an independent loop of the same method chose differently (issue 17,
     # docs/RESULTS.md section 3): each is an option, the default being official MAE's choice.
     wd_norm_bias: bool = opt(False, "weight-decay every parameter (LayerNorm gains, biases, cls and mask "

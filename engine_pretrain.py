@@ -44,10 +44,19 @@ class Pretraining:
         inside an epoch, the first run already did them."""
         self.model.train()
         self.refreshed = False if resumed else self.target.on_epoch_start(epoch, self.model.encoder)
+        if self.refreshed and self.cfg.stage_reset and epoch > 0:
+            self.restart_student()
         self.heads = self.target.heads(epoch)
         if self.cfg.compile:
             self._compile_teachers()
         return {}
+
+    def restart_student(self) -> None:
+        """--stage_reset (dBOT): the teacher has just taken the student's weights; the student
+        starts the new stage from a fresh initialisation and fresh optimizer moments. Drawn from
+        the epoch's seeded global RNG: the same on every rank, and reproducible."""
+        self.model.initialize_weights(self.cfg.feature_head_init)
+        self.optimizer.state.clear()
 
     def _compile_teachers(self) -> None:
         """--compile: the target encoders' forward passes too (the other hot path of a step).

@@ -443,3 +443,20 @@ class RandomTarget(Target):
             self.encoder = hard_copy(self.encoder, online)
             return True
         return False
+
+
+@register_target("staged")
+class StagedTarget(MAEKTarget):
+    """dBOT's staged teachers: a frozen copy of the random-init encoder from epoch 0 (as `random`),
+    replaced by a snapshot of the online encoder at epochs K, 2K, ... With --stage_reset the
+    student restarts from a fresh initialisation at each new stage (engine_pretrain)."""
+
+    def __init__(self, cfg, steps_per_epoch: int = 1):
+        super().__init__(cfg, steps_per_epoch)
+        self.switch_epoch = 0
+
+    def refresh(self, epoch: int, online: MAEEncoder) -> bool:
+        if epoch % self.k == 0:
+            self.encoder = hard_copy(self.encoder, online)
+            return True
+        return False
