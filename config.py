@@ -200,6 +200,8 @@ class PretrainConfig(RunConfig):
     slow_lambda: float = opt(0.2, "dual: weight of the every-K snapshot loss", ge=0)
     num_masks: int = opt(1, "masked views per image per step, sharing ONE target pass (data2vec 2.0's "
                             "multi-mask); the batch's compute grows M times on the online side only", ge=1)
+    feature_decoder: str = opt("shared", "the feature head on the pixel head's decoder (shared) or on a decoder "
+                                         "of its own, same shape (separate; BootMAE)", "models_mae.FEATURE_DECODERS")
     stage_reset: bool = opt(False, "re-initialise the student (weights and optimizer moments) whenever the "
                                    "target encoder is refreshed (dBOT's staged teachers: --target staged)")
     # Recipe details an independent loop of the same method chose differently (issue 17,

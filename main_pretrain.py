@@ -40,7 +40,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     else:
         groups = param_groups_weight_decay(
-            model, cfg.weight_decay, no_weight_decay_list=("encoder.cls_token", "mask_token"))
+            model, cfg.weight_decay,
+            no_weight_decay_list=("encoder.cls_token", "mask_token", "feature_decoder.mask_token"))
     fused = next(model.parameters()).is_cuda  # one kernel for all tensors on CUDA
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
@@ -75,7 +76,7 @@ def build_engine(cfg, device, train_set, mean, std, steps_per_epoch: int) -> Pre
     """The model at cfg.input_size, its optimizer, target and kNN monitor. train_set: (images,
     labels, num_classes), images a uint8 array (N, H, W, C) or ImageFiles (`load_split`)."""
     model = create_model(cfg.model, img_size=cfg.input_size, in_chans=image_channels(train_set[0]),
-                         feature_head_init=cfg.feature_head_init).to(device)
+                         feature_head_init=cfg.feature_head_init, feature_decoder=cfg.feature_decoder).to(device)
     if cfg.target_layers > len(model.encoder.blocks):
         raise UserError(f"target_layers {cfg.target_layers} exceeds the encoder depth {len(model.encoder.blocks)}")
     forward = model

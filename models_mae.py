@@ -128,6 +128,43 @@ class MAEEncoder(nn.Module):
 HEAD_INITS = ("xavier", "torch")
 
 
+# --feature_decoder: the feature head on the pixel head's decoder, or on a decoder of its own.
+FEATURE_DECODERS = ("shared", "separate")
+
+
+def decode(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor,
+           blocks: nn.ModuleList, norm: nn.Module) -> torch.Tensor:
+    """(N, 1 + L_keep, D_dec) embedded visible tokens -> (N, L, D_dec) decoded tokens in raster
+    order: mask tokens fill the removed places, position embeddings are added, blocks run."""
+    n, l_all = ids_restore.shape
+    mask_tokens = mask_token.expand(n, l_all + 1 - x.shape[1], -1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
+    x = torch.cat([x[:, :1, :], x_], dim=1) + pos_embed
+    for blk in blocks:
+        x = blk(x)
+    return norm(x)[:, 1:, :]
+
+
+class Decoder(nn.Module):
+    """An MAE decoder on its own (the separate feature decoder): embed, mask token, fixed sin-cos
+    position embeddings, blocks, norm. forward(latent (N, 1 + L_keep, D), ids_restore (N, L))
+    -> (N, L, D_dec)."""
+
+    def __init__(self, embed_dim: int, grid: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
+                 norm_layer: Callable[..., nn.Module]):
+        super().__init__()
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(grid, dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(dim)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        return decode(self.embed(latent), ids_restore, self.mask_token, self.pos_embed, self.blocks, self.norm)
+
+
 class MaskedAutoencoderViT(nn.Module):
     """MAE: masked ViT encoder + transformer decoder with a pixel head and a feature head.
 
@@ -139,8 +176,10 @@ class MaskedAutoencoderViT(nn.Module):
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4.0, norm_layer: Callable[..., nn.Module] = LayerNorm,
-                 feature_head_init: str = "xavier"):
+                 feature_head_init: str = "xavier", feature_decoder: str = "shared"):
         super().__init__()
+        if feature_decoder not in FEATURE_DECODERS:
+            raise ValueError(f"feature_decoder must be one of {FEATURE_DECODERS}, not {feature_decoder!r}")
         if feature_head_init not in HEAD_INITS:
             raise ValueError(f"feature_head_init must be one of {HEAD_INITS}, not {feature_head_init!r}")
         self.patch_size = patch_size
@@ -160,6 +199,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)  # pixel head
         self.decoder_pred_feat = nn.Linear(decoder_embed_dim, embed_dim)  # feature head
+        # BootMAE: the feature head reads its own decoder (same shape) instead of the pixel head's
+        self.feature_decoder = None if feature_decoder == "shared" else Decoder(
+            embed_dim, grid, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer)
         self.heads = {"pixel": "decoder_pred", "feature": "decoder_pred_feat"}
         assert num_patches == grid * grid
         self.initialize_weights(feature_head_init)
@@ -170,6 +212,8 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.feature_decoder is not None:
+            nn.init.normal_(self.feature_decoder.mask_token, std=0.02)
         self.apply(self._init_weights)
         if feature_head_init == "torch":  # nn.Linear's own init: kaiming-uniform(a=sqrt 5), uniform bias
             self.decoder_pred_feat.reset_parameters()
@@ -205,15 +249,147 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """(N, 1 + L_keep, D) encoder output -> (N, L, D_dec) decoder tokens in raster order."""
-        x = self.decoder_embed(latent)
-        n, l_all = ids_restore.shape
-        mask_tokens = self.mask_token.expand(n, l_all + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_norm(x)[:, 1:, :]
+        return decode(self.decoder_embed(latent), ids_restore, self.mask_token, self.decoder_pos_embed,
+                      self.decoder_blocks, self.decoder_norm)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(imgs)
+
+
+# Initialisations of the feature head (--feature_head_init): xavier like every other Linear
+# (official MAE), or nn.Linear's default.
+HEAD_INITS = ("xavier", "torch")
+
+
+# --feature_decoder: the feature head on the pixel head's decoder, or on a decoder of its own.
+FEATURE_DECODERS = ("shared", "separate")
+
+
+def decode(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor,
+           blocks: nn.ModuleList, norm: nn.Module) -> torch.Tensor:
+    """(N, 1 + L_keep, D_dec) embedded visible tokens -> (N, L, D_dec) decoded tokens in raster
+    order: mask tokens fill the removed places, position embeddings are added, blocks run."""
+    n, l_all = ids_restore.shape
+    mask_tokens = mask_token.expand(n, l_all + 1 - x.shape[1], -1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
+    x = torch.cat([x[:, :1, :], x_], dim=1) + pos_embed
+    for blk in blocks:
+        x = blk(x)
+    return norm(x)[:, 1:, :]
+
+
+class Decoder(nn.Module):
+    """An MAE decoder on its own (the separate feature decoder): embed, mask token, fixed sin-cos
+    position embeddings, blocks, norm. forward(latent (N, 1 + L_keep, D), ids_restore (N, L))
+    -> (N, L, D_dec)."""
+
+    def __init__(self, embed_dim: int, grid: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
+                 norm_layer: Callable[..., nn.Module]):
+        super().__init__()
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(grid, dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(dim)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        return decode(self.embed(latent), ids_restore, self.mask_token, self.pos_embed, self.blocks, self.norm)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE: masked ViT encoder + transformer decoder with a pixel head and a feature head.
+
+    Both heads exist from construction, so both are in the optimizer from step 0; which
+    one is trained at a given epoch is the target schedule's decision, not the model's.
+    """
+
+    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
+                 embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
+                 decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
+                 mlp_ratio: float = 4.0, norm_layer: Callable[..., nn.Module] = LayerNorm,
+                 feature_head_init: str = "xavier", feature_decoder: str = "shared"):
+        super().__init__()
+        if feature_decoder not in FEATURE_DECODERS:
+            raise ValueError(f"feature_decoder must be one of {FEATURE_DECODERS}, not {feature_decoder!r}")
+        if feature_head_init not in HEAD_INITS:
+            raise ValueError(f"feature_head_init must be one of {HEAD_INITS}, not {feature_head_init!r}")
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.encoder = MAEEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads,
+                                  mlp_ratio, norm_layer)
+        num_patches = self.encoder.num_patches
+        grid = self.encoder.patch_embed.grid_size[0]
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_pos_embed(grid, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)  # pixel head
+        self.decoder_pred_feat = nn.Linear(decoder_embed_dim, embed_dim)  # feature head
+        # BootMAE: the feature head reads its own decoder (same shape) instead of the pixel head's
+        self.feature_decoder = None if feature_decoder == "shared" else Decoder(
+            embed_dim, grid, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer)
+        self.heads = {"pixel": "decoder_pred", "feature": "decoder_pred_feat"}
+        assert num_patches == grid * grid
+        self.initialize_weights(feature_head_init)
+
+    def initialize_weights(self, feature_head_init: str = "xavier") -> None:
+        # The patch projection is a linear map on flattened patches: init it like one.
+        w = self.encoder.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        if self.feature_decoder is not None:
+            nn.init.normal_(self.feature_decoder.mask_token, std=0.02)
+        self.apply(self._init_weights)
+        if feature_head_init == "torch":  # nn.Linear's own init: kaiming-uniform(a=sqrt 5), uniform bias
+            self.decoder_pred_feat.reset_parameters()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            # xavier_uniform, following the official ViT/MAE (timm's default is trunc_normal)
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), each patch flattened as (p, p, C)."""
+        p = self.patch_size
+        n, c, h, w = imgs.shape
+        assert h % p == 0 and w % p == 0
+        x = imgs.reshape(n, c, h // p, p, w // p, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W), inverse of `patchify` for square images."""
+        p, c = self.patch_size, self.in_chans
+        h = w = int(x.shape[1] ** 0.5)
+        assert h * w == x.shape[1]
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """(N, 1 + L_keep, D) encoder output -> (N, L, D_dec) decoder tokens in raster order."""
+        return decode(self.decoder_embed(latent), ids_restore, self.mask_token, self.decoder_pos_embed,
+                      self.decoder_blocks, self.decoder_norm)
+
+    def decoder_for(self, head: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The decoder a head reads: the shared one, or the feature head's own (--feature_decoder)."""
+        if head == "feature" and self.feature_decoder is not None:
+            return self.feature_decoder
+        return self.forward_decoder
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75,
                 heads: Sequence[str] = ("pixel",), noise: Optional[torch.Tensor] = None
@@ -225,8 +401,13 @@ class MaskedAutoencoderViT(nn.Module):
             mask: (N, L), 0 is keep, 1 is remove.
         """
         latent, mask, ids_restore = self.encoder.forward_masked(imgs, mask_ratio, noise)
-        x = self.forward_decoder(latent, ids_restore)
-        preds = {h: getattr(self, self.heads[h])(x) for h in heads}
+        decoded: Dict[bool, torch.Tensor] = {}  # each decoder runs once, whatever reads it
+        preds = {}
+        for h in heads:
+            own = h == "feature" and self.feature_decoder is not None  # --feature_decoder separate
+            if own not in decoded:
+                decoded[own] = (self.feature_decoder if own else self.forward_decoder)(latent, ids_restore)
+            preds[h] = getattr(self, self.heads[h])(decoded[own])
         return preds, mask
 
 
