@@ -18,7 +18,7 @@ import os
 from typing import Dict, List, Optional
 
 from results.runs import mean_std
-from results.study import COST, DELTAS, collect_study, references
+from results.study import COST, DELTAS, cell, collect_study, references
 
 # Options counted in epochs: scaled linearly with the budget. A new epoch-counted option of a row
 # (e.g. a stage length) must be added here, or it keeps its 8-epoch value at every budget.
@@ -148,14 +148,6 @@ def collect_schedule(runs_root: str, names: List[str], budgets: List[int], ref: 
 
 
 # ---- table and figure -----------------------------------------------------------------------
-def _cell(st: Optional[tuple], signed: bool = False) -> str:
-    if st is None:
-        return "-"
-    m, sd, n = st
-    txt = f"{m:+.2f}" if signed else f"{m:.2f}"
-    return f"{txt} ± {sd:.2f}" if n > 1 else txt
-
-
 def schedule_table(stats: Dict[str, dict], ref: str) -> str:
     """Markdown table of collect_schedule's result: a line per row and budget."""
     head = ["row", "budget (epochs)", "seeds", "probe best acc@1", "kNN acc", f"Δ probe vs {ref}",
@@ -168,10 +160,10 @@ def schedule_table(stats: Dict[str, dict], ref: str) -> str:
             minutes = st[COST] and (st[COST][0] / 60, st[COST][1] / 60, st[COST][2])
             ratio = f"{st['cost_ratio']:.2f}×" if st.get("cost_ratio") else "-"
             eq = f"{st['eq_budget']:.1f}" if st.get("eq_budget") else "-"
-            cells = [name, str(b), str(len(st["seeds"])), _cell(st["best_acc1"]), _cell(st["knn_acc"]),
-                     _cell(st.get(f"d_{ref}_best_acc1"), True), _cell(st.get(f"d_{ref}_knn_acc"), True),
-                     _cell(minutes), ratio, eq, _cell(st.get("eq_best_acc1")), _cell(st.get("eq_knn_acc")),
-                     _cell(st.get("d_eq_best_acc1"), True), _cell(st.get("d_eq_knn_acc"), True)]
+            cells = [name, str(b), str(len(st["seeds"])), cell(st["best_acc1"]), cell(st["knn_acc"]),
+                     cell(st.get(f"d_{ref}_best_acc1"), True), cell(st.get(f"d_{ref}_knn_acc"), True),
+                     cell(minutes), ratio, eq, cell(st.get("eq_best_acc1")), cell(st.get("eq_knn_acc")),
+                     cell(st.get("d_eq_best_acc1"), True), cell(st.get("d_eq_knn_acc"), True)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

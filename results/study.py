@@ -73,7 +73,7 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
     return out
 
 
-def _cell(st: Optional[tuple], signed: bool = False) -> str:
+def cell(st: Optional[tuple], signed: bool = False) -> str:
     if st is None:
         return "-"
     m, sd, n = st
@@ -89,10 +89,10 @@ def study_table(stats: Dict[str, dict], refs: Optional[List[str]] = None) -> str
              + "".join(f"Δ {names[k]} vs {ref} | " for ref, k in deltas) + "target std | pred std | target erank |",
              "|---" * (8 + len(deltas)) + "|"]
     for name, st in stats.items():
-        lines.append(f"| {name} | {len(st['seeds'])} | {_cell(st['best_acc1'])} | {_cell(st['last_acc1'])} | "
-                     f"{_cell(st['knn_acc'])} | "
-                     + "".join(f"{_cell(st[f'd_{ref}_{k}'], True)} | " for ref, k in deltas)
-                     + f"{_cell(st['target_std'])} | {_cell(st['pred_std'])} | {_cell(st['target_erank'])} |")
+        lines.append(f"| {name} | {len(st['seeds'])} | {cell(st['best_acc1'])} | {cell(st['last_acc1'])} | "
+                     f"{cell(st['knn_acc'])} | "
+                     + "".join(f"{cell(st[f'd_{ref}_{k}'], True)} | " for ref, k in deltas)
+                     + f"{cell(st['target_std'])} | {cell(st['pred_std'])} | {cell(st['target_erank'])} |")
     return "\n".join(lines) + "\n"
 
 
