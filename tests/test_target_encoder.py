@@ -7,8 +7,7 @@ from models_mae import create_model
 from target_encoder import build_target, pixel_target
 
 
-class Cfg:
-    lr, weight_decay = 1e-3, 0.05
+Cfg = PretrainConfig(lr=1e-3, weight_decay=0.05)  # what build_optimizer reads
 
 
 def make(kind, **options):
