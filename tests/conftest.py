@@ -47,3 +47,18 @@ def run_stage_in_process(cmd, log_file, quiet):
         return e.code or 0
     finally:
         os.chdir(cwd)
+
+
+def sigterm_during(monkeypatch, engine_cls, n: int):
+    """Deliver a real SIGTERM to this process during the n-th call (0-based, over the run) of
+    engine_cls.train_step (one batch; a micro-batch under --accum_iter)."""
+    import signal
+    real, calls = engine_cls.train_step, {"n": 0}
+
+    def step(self, batch, info):
+        out = real(self, batch, info)
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls["n"] += 1
+        return out
+    monkeypatch.setattr(engine_cls, "train_step", step)

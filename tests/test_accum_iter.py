@@ -16,8 +16,7 @@ import torch
 
 import main_pretrain
 import models_vit
-import util.trainer
-from conftest import run_main, smoke_args
+from conftest import run_main, smoke_args, sigterm_during
 from config import FinetuneConfig, PretrainConfig
 from dataio.datasets import load_dataset
 from engine_finetune import Classification
@@ -206,16 +205,7 @@ def test_a_bad_micro_batch_skips_its_whole_optimizer_step(data, tmp_path, monkey
     assert all(torch.isfinite(t).all() for t in weights(acc).values())
 
 def sigterm_at_batch(monkeypatch, n: int):
-    """A real SIGTERM during the n-th micro-batch (0-based, over the run)."""
-    real, calls = Pretraining.train_step, {"n": 0}
-
-    def step(self, batch, info):
-        out = real(self, batch, info)
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-        calls["n"] += 1
-        return out
-    monkeypatch.setattr(Pretraining, "train_step", step)
+    sigterm_during(monkeypatch, Pretraining, n)
 
 
 def test_a_stop_waits_for_the_group_end_and_resumes_exactly(cifar_root, tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import util.trainer
-from conftest import ROOT, run_main, smoke_args
+from conftest import ROOT, run_main, smoke_args, sigterm_during
 from engine_finetune import Classification
 from engine_pretrain import Pretraining
 
@@ -32,16 +32,7 @@ def finetune(cifar_root, out, *extra):
 
 
 def sigterm_at_step(monkeypatch, n: int):
-    """Deliver a real SIGTERM to this process during the n-th training step (0-based, global)."""
-    real, calls = Classification.train_step, {"n": 0}
-
-    def step(self, batch, info):
-        out = real(self, batch, info)
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-        calls["n"] += 1
-        return out
-    monkeypatch.setattr(Classification, "train_step", step)
+    sigterm_during(monkeypatch, Classification, n)
 
 
 def test_sigterm_saves_then_exits_128_plus_signal(cifar_root, tmp_path, monkeypatch, capsys):
