@@ -27,7 +27,7 @@ on Fashion-MNIST with a small model and a 6,000-image training subset, about 30 
     python reproduce.py --plan schedule --seeds 3 --budgets 8 32 96   # issue 16: when do targets pay?
 
 The schedule plan runs the study's recipe for its rows (configs/schedule/) at every pretraining
-budget, into OUTPUT_ROOT/NAME/budgetB/seedS/{pretrain,linprobe}/, the epoch-counted options and tau
+budget, into OUTPUT_ROOT/NAME/budgetB/seedS/{pretrain,linprobe[,finetune]}/, the epoch-counted options and tau
 scaled by results.schedule.scale_to_budget (the scaled values are flags, shown by --dry_run); its
 table (paired deltas vs pixel, and pixel at equal wall-clock) and figure (results/schedule.py) go
 to OUTPUT_ROOT. --model swaps the study's smoke model for another registered MAE model (default
@@ -42,7 +42,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-from results.plans import PLAN_NAMES, ROOT, plan_dir, plan_rows, read_yaml, row_config, uses_study_recipe
+from results.plans import (PLAN_NAMES, ROOT, plan_dir, plan_finetune_rows, plan_rows, read_yaml, row_config,
+                           uses_study_recipe)
 from results.recipe import (STUDY_DATA, STUDY_RECIPE, STUDY_SMOKE, STUDY_STAGES, check_study_flags,  # noqa: F401
                             run_dir, study_args)
 from results.recipe import flags as _flags
@@ -81,9 +82,10 @@ class Row:
         self.pretrain = dict(raw.get("pretrain") or {})
         self.scratch = bool((raw.get("finetune") or {}).get("from_scratch")) or not self.pretrain
 
-    def stages(self) -> Tuple[str, ...]:
+    def stages(self, finetune: bool = False) -> Tuple[str, ...]:
+        """The stages to run; in a study-recipe plan `finetune` adds the short fine-tuning."""
         if uses_study_recipe(self.plan):
-            return STUDY_STAGES[1:] if self.scratch else STUDY_STAGES
+            return (STUDY_STAGES[1:] if self.scratch else STUDY_STAGES) + (("finetune",) if finetune else ())
         return STAGES[1:] if self.scratch else STAGES
 
 
@@ -254,7 +256,9 @@ def run_row(row: Row, seed: int, args, budget: Optional[int] = None) -> Optional
     budgets); returns a failure note or None."""
     rdir = run_dir(args, row.name, seed, budget)
     label = f"{row.name}{f' budget {budget}' if budget else ''} seed {seed}"
-    cmds = {stage: stage_command(row, stage, seed, args, budget) for stage in row.stages()}
+    # the short fine-tuning (plan.yaml's finetune_rows): once per row and seed, at the longest budget
+    finetune = row.name in plan_finetune_rows(row.plan) and (not budget or budget == max(args.budgets))
+    cmds = {stage: stage_command(row, stage, seed, args, budget) for stage in row.stages(finetune)}
     if args.dry_run:
         for cmd in cmds.values():
             print(shlex.join(["python"] + cmd))
@@ -314,8 +318,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = [Row(n, args.plan) for n in names]
     failures: List[str] = []
     # with budgets: the shortest budget first, every row and seed of it, so that an interrupted plan
-    # leaves complete paired comparisons behind
-    jobs = ([(row, seed, b) for b in args.budgets for seed in range(args.seeds) for row in rows]
+    # leaves complete paired comparisons behind. A row without pretraining (scratch) does not depend
+    # on the budget: it runs once, at the longest.
+    jobs = ([(row, seed, b) for b in args.budgets for seed in range(args.seeds) for row in rows
+             if not row.scratch or b == args.budgets[-1]]
             if args.budgets else [(row, seed, None) for row in rows for seed in range(args.seeds)])
     for row, seed, budget in jobs:
         failure = run_row(row, seed, args, budget)

@@ -42,6 +42,13 @@ def plan_rows(plan: str) -> List[str]:
     return list(load_plan(plan)["rows"])
 
 
+def plan_finetune_rows(plan: str) -> List[str]:
+    """The rows of a study-recipe plan that are also fine-tuned briefly (`finetune_rows:` in
+    plan.yaml; recipe: results.recipe.STUDY_RECIPE["finetune"]); in a plan with budgets, at the
+    longest budget only. [] when the plan has none."""
+    return list(load_plan(plan).get("finetune_rows") or [])
+
+
 def row_config(plan: str, name: str) -> Dict[str, Any]:
     """configs/PLAN/NAME.yaml, {} when there is none."""
     path = os.path.join(plan_dir(plan), f"{name}.yaml")

@@ -1,6 +1,7 @@
 """The study recipe and the commands of its stages, for the plans with `recipe: study` in
 configs/PLAN/plan.yaml (study, ablation, schedule): pretrain -> linear probe on cached features +
-kNN, on Fashion-MNIST with a small model and a 6,000-image training subset (docs/RESULTS.md).
+kNN, on Fashion-MNIST with a small model and a 6,000-image training subset (docs/RESULTS.md); the
+rows in plan.yaml's `finetune_rows` also get a short fine-tuning (at the longest budget).
 reproduce.py runs the commands; a plan with budgets (schedule) runs every row at each budget with
 the values of results.schedule.scale_to_budget.
 """
@@ -24,9 +25,15 @@ STUDY_RECIPE = {
     "linprobe": {"model": "vit_smoke_patch4", "epochs": 300, "warmup_epochs": 10, "batch_size": 256,
                  "blr": 5.0, "cached_features": True, "knn": True, "num_workers": 0, "print_freq": 1000,
                  "save_freq": 1000},
+    # The short fine-tuning column (issue 16): the report's recipe (main_finetune's defaults: layer
+    # decay 0.75, drop path 0.1, label smoothing 0.1, RandAugment, random erasing 0.25, blr 1e-3,
+    # wd 0.05), 5 epochs instead of 100: the same for every row, pretrained or from scratch.
+    "finetune": {"model": "vit_smoke_patch4", "epochs": 5, "warmup_epochs": 1, "batch_size": 128,
+                 "blr": 1.0e-3, "weight_decay": 0.05, "num_workers": 0, "print_freq": 1000, "save_freq": 1000},
 }
 STUDY_SMOKE = {"pretrain": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32},
-               "linprobe": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32}}
+               "linprobe": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32},
+               "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 32}}
 # pretrain options counted in epochs: capped below the smoke run's 2 epochs (without budgets)
 _EPOCH_OPTS = ("k", "wse", "feature_ramp")
 
@@ -48,7 +55,7 @@ def run_dir(args, name: str, seed: int, budget: Optional[int] = None) -> str:
 
 
 def study_args(row, stage: str, seed: int, args, budget: Optional[int] = None) -> List[str]:
-    """The flags of one stage (pretrain / linprobe) of a study-recipe plan: the shared recipe + the
+    """The flags of one stage (pretrain / linprobe / finetune) of a study-recipe plan: the shared recipe + the
     row's options (reproduce.Row); with a budget, the epochs and epoch-counted options of
     scale_to_budget."""
     rdir = run_dir(args, row.name, seed, budget)
@@ -69,7 +76,7 @@ def study_args(row, stage: str, seed: int, args, budget: Optional[int] = None) -
                 if k in row.pretrain:
                     vals[k] = min(int(row.pretrain[k]), 1)
     else:
-        if args.probe_epochs:
+        if args.probe_epochs and stage == "linprobe":
             vals["epochs"] = args.probe_epochs
         if row.scratch:
             cmd += ["--from_scratch"]

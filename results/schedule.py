@@ -4,7 +4,7 @@ several pretraining budgets, compared with pixel MAE at the same budget and at e
 scale_to_budget is the one rule that turns a row written for the study's 8 epochs into a budget
 of B epochs; reproduce.py passes its values as flags, so `--dry_run` shows them.
 
-Reads RUNS/ROW/budgetB/seedS/{pretrain,linprobe}/ (as written by reproduce.py) and writes into OUT:
+Reads RUNS/ROW/budgetB/seedS/{pretrain,linprobe,finetune}/ (as written by reproduce.py) and writes into OUT:
     schedule_results.md    per row and budget: probe best acc@1 and kNN acc (mean +- std over
                            seeds), the paired differences to pixel at the same budget and seed, the
                            pretraining wall-clock and its ratio to pixel's, and pixel at equal
@@ -18,7 +18,7 @@ import os
 from typing import Dict, List, Optional
 
 from results.runs import mean_std
-from results.study import COST, DELTAS, cell, collect_study, references
+from results.study import COST, DELTAS, cell, collect_study, finetune_columns, references
 
 # Options counted in epochs: scaled linearly with the budget. A new epoch-counted option of a row
 # (e.g. a stage length) must be added here, or it keeps its 8-epoch value at every budget.
@@ -149,21 +149,25 @@ def collect_schedule(runs_root: str, names: List[str], budgets: List[int], ref: 
 
 # ---- table and figure -----------------------------------------------------------------------
 def schedule_table(stats: Dict[str, dict], ref: str) -> str:
-    """Markdown table of collect_schedule's result: a line per row and budget."""
+    """Markdown table of collect_schedule's result: a line per row and budget it has runs at (with
+    the short fine-tuning's columns when a row has one)."""
+    ft_head, ft_cells = finetune_columns({f"{n}@{b}": st for n, per in stats.items() for b, st in per.items()}, ref)
     head = ["row", "budget (epochs)", "seeds", "probe best acc@1", "kNN acc", f"Δ probe vs {ref}",
             f"Δ kNN vs {ref}", "pretrain min", f"cost vs {ref}", f"{ref} epochs at equal wall-clock",
             f"{ref} probe at equal wall-clock (interp.)", f"{ref} kNN at equal wall-clock (interp.)",
-            f"Δ probe vs {ref} at equal wall-clock", f"Δ kNN vs {ref} at equal wall-clock"]
+            f"Δ probe vs {ref} at equal wall-clock", f"Δ kNN vs {ref} at equal wall-clock"] + ft_head
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, per_budget in stats.items():
         for b, st in per_budget.items():
+            if not st["seeds"]:  # e.g. scratch, run at the longest budget only
+                continue
             minutes = st[COST] and (st[COST][0] / 60, st[COST][1] / 60, st[COST][2])
             ratio = f"{st['cost_ratio']:.2f}×" if st.get("cost_ratio") else "-"
             eq = f"{st['eq_budget']:.1f}" if st.get("eq_budget") else "-"
             cells = [name, str(b), str(len(st["seeds"])), cell(st["best_acc1"]), cell(st["knn_acc"]),
                      cell(st.get(f"d_{ref}_best_acc1"), True), cell(st.get(f"d_{ref}_knn_acc"), True),
                      cell(minutes), ratio, eq, cell(st.get("eq_best_acc1")), cell(st.get("eq_knn_acc")),
-                     cell(st.get("d_eq_best_acc1"), True), cell(st.get("d_eq_knn_acc"), True)]
+                     cell(st.get("d_eq_best_acc1"), True), cell(st.get("d_eq_knn_acc"), True)] + ft_cells(st)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -177,7 +181,9 @@ budget. *{ref} epochs at equal wall-clock*: the {ref} budget whose wall-clock eq
 *at equal wall-clock (interp.)*: an **interpolation**, not a run: {ref}'s probe / kNN at that budget,
 linear in log-budget between its two measured budgets around it, per seed (Δ paired over seeds);
 '-' outside {ref}'s measured budgets (not extrapolated: run {ref} at a longer budget to cover it).
-Wall-clock depends on what else the machine ran at the time.
+Wall-clock depends on what else the machine ran at the time. *fine-tune acc@1*: the short
+fine-tuning of plan.yaml's finetune_rows (results.recipe.STUDY_RECIPE["finetune"], the same for
+every row), run at the longest budget: last-epoch test acc@1, Δ paired over seeds.
 """
 
 

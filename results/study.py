@@ -21,6 +21,9 @@ DELTAS = ("best_acc1", "knn_acc")
 HEALTH = ("target_std", "pred_std", "target_erank")
 # Pretraining wall-clock: the sum of the epochs' "seconds" in pretrain/log.txt (training loop only).
 COST = "pretrain_seconds"
+# The short fine-tuning's (plan.yaml's finetune_rows) last-epoch test acc@1: the last epoch, not the
+# best, so that no choice is made on the test set.
+FINETUNE = "ft_acc1"
 
 
 def pretrain_seconds(log: List[dict]) -> Optional[float]:
@@ -51,6 +54,9 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
             if res is None:
                 continue
             vals = {k: float(res[k]) for k in METRICS if res.get(k) is not None}
+            ft = read_json(os.path.join(d, sd, "finetune", "results.json"))
+            if ft and ft.get("last_acc1") is not None:
+                vals[FINETUNE] = float(ft["last_acc1"])
             log = read_log(os.path.join(d, sd, "pretrain", "log.txt"))
             if log:  # last pretraining epoch: how spread out targets and predictions still are
                 vals.update({k: float(log[-1][k]) for k in HEALTH if k in log[-1]})
@@ -59,13 +65,13 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
                     vals[COST] = seconds
             per_seed[int(sd[4:])] = vals
         row: Dict[str, object] = {"seeds": per_seed}
-        for k in METRICS + HEALTH + (COST,):
+        for k in METRICS + HEALTH + (COST, FINETUNE):
             row[k] = mean_std([v.get(k) for v in per_seed.values()])
         out[name] = row
     for name, row in out.items():  # paired over seeds: the seed fixes init, data order and masks
         for ref in refs:
             base = out.get(ref)
-            for k in DELTAS:
+            for k in DELTAS + (FINETUNE,):
                 diffs = [] if base is None or name == ref else [
                     v[k] - base["seeds"][s][k] for s, v in row["seeds"].items()
                     if k in v and s in base["seeds"] and k in base["seeds"][s]]
@@ -82,18 +88,30 @@ def cell(st: Optional[tuple], signed: bool = False) -> str:
 
 
 def study_table(stats: Dict[str, dict], refs: Optional[List[str]] = None) -> str:
-    """Markdown table of collect_study's result, one line per row in its order."""
-    deltas = [(ref, k) for ref in (references() if refs is None else refs) for k in DELTAS]
+    """Markdown table of collect_study's result, one line per row in its order (with the short
+    fine-tuning's columns when a row has one)."""
+    refs = references() if refs is None else refs
+    deltas = [(ref, k) for ref in refs for k in DELTAS]
     names = {"best_acc1": "probe", "knn_acc": "kNN"}
-    lines = ["| row | seeds | probe best acc@1 | probe last acc@1 | kNN acc | "
-             + "".join(f"Δ {names[k]} vs {ref} | " for ref, k in deltas) + "target std | pred std | target erank |",
-             "|---" * (8 + len(deltas)) + "|"]
+    ft_head, ft_cells = finetune_columns(stats, refs[0])
+    head = (["row", "seeds", "probe best acc@1", "probe last acc@1", "kNN acc"]
+            + [f"Δ {names[k]} vs {ref}" for ref, k in deltas] + ["target std", "pred std", "target erank"] + ft_head)
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, st in stats.items():
-        lines.append(f"| {name} | {len(st['seeds'])} | {cell(st['best_acc1'])} | {cell(st['last_acc1'])} | "
-                     f"{cell(st['knn_acc'])} | "
-                     + "".join(f"{cell(st[f'd_{ref}_{k}'], True)} | " for ref, k in deltas)
-                     + f"{cell(st['target_std'])} | {cell(st['pred_std'])} | {cell(st['target_erank'])} |")
+        cells = ([name, str(len(st["seeds"])), cell(st["best_acc1"]), cell(st["last_acc1"]), cell(st["knn_acc"])]
+                 + [cell(st[f"d_{ref}_{k}"], True) for ref, k in deltas]
+                 + [cell(st["target_std"]), cell(st["pred_std"]), cell(st["target_erank"])] + ft_cells(st))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def finetune_columns(stats: Dict[str, dict], ref: str):
+    """The short fine-tuning's table columns ([] when no row has one): its head, and a function
+    giving one row's cells (last-epoch acc@1, and its paired difference to `ref`)."""
+    if not any(st.get(FINETUNE) for st in stats.values()):
+        return [], lambda st: []
+    return (["fine-tune acc@1 (last epoch)", f"Δ fine-tune vs {ref}"],
+            lambda st: [cell(st.get(FINETUNE)), cell(st.get(f"d_{ref}_{FINETUNE}"), True)])
 
 
 def plot_study(stats: Dict[str, dict], path: str, baseline: str) -> None:

@@ -16,6 +16,7 @@ from conftest import ROOT, run_stage_in_process
 from config import SECTIONS, parse_config
 from dataio.fake import write_fake_fashion_mnist
 from results.recipe import STUDY_RECIPE
+from results.plans import plan_finetune_rows
 from results.schedule import (budget_at_cost, collect_schedule, interp_log_budget, scale_to_budget,
                               schedule_table)
 from results.study import references
@@ -33,14 +34,45 @@ def _dry_run(*argv):
 
 
 def test_plan_rows_and_default_budgets():
-    assert PLAN[0] == REF and {"ema", "mae_k", "improved", "random"} <= set(PLAN)
+    assert PLAN[0] == REF and {"ema", "mae_k", "improved", "random", "scratch"} <= set(PLAN)
     cmds = _dry_run("--plan", "schedule", "--only", REF)
     assert sorted({c[c.index("--epochs") + 1] for c in cmds if c[1] == "main_pretrain.py"}, key=int) == \
         ["8", "32", "96"]
-    # shortest budget first (every row and seed of it), duplicates dropped
+    # shortest budget first (every row and seed of it), duplicates dropped; scratch (no pretraining)
+    # only at the longest budget
     cmds = _dry_run("--plan", "schedule", "--budgets", "32", "8", "32")
+    pretrained = [n for n in PLAN if n != "scratch"]
     assert [c[c.index("--epochs") + 1] for c in cmds if c[1] == "main_pretrain.py"] == \
-        ["8"] * len(PLAN) + ["32"] * len(PLAN)
+        ["8"] * len(pretrained) + ["32"] * len(pretrained)
+    probes = [c[c.index("--output_dir") + 1] for c in cmds if c[1] == "main_linprobe.py"]
+    assert [p for p in probes if "/scratch/" in p] == [os.path.join("output", "schedule", "scratch", "budget32",
+                                                                     "seed0", "linprobe")]
+
+
+def test_finetune_column_rows_at_the_longest_budget():
+    """plan.yaml's finetune_rows get the study's short fine-tuning, once, at the longest budget; the
+    same recipe for every row (the pretrained rows from their own checkpoint, scratch from random)."""
+    ft_rows = plan_finetune_rows("schedule")
+    assert set(ft_rows) <= set(PLAN) and {REF, "scratch"} <= set(ft_rows) and len(ft_rows) >= 3
+    for plan in reproduce.PLANS:  # every plan's finetune_rows are rows of it
+        assert set(plan_finetune_rows(plan)) <= set(reproduce.PLANS[plan])
+    cmds = _dry_run("--plan", "schedule", "--seeds", "2", "--budgets", "8", "16")
+    ft = [c for c in cmds if c[1] == "main_finetune.py"]
+    out = [c[c.index("--output_dir") + 1].split(os.sep) for c in ft]
+    assert sorted((o[-4], o[-3], o[-2]) for o in out) == sorted(
+        (row, "budget16", f"seed{s}") for row in ft_rows for s in (0, 1))
+    recipe = STUDY_RECIPE["finetune"]
+    for c in ft:
+        row = c[c.index("--output_dir") + 1].split(os.sep)[-4]
+        cfg = parse_config(SECTIONS["finetune"], "finetune", c[2:])
+        assert cfg.epochs == recipe["epochs"] < 100 and cfg.model == recipe["model"]
+        assert (cfg.layer_decay, cfg.drop_path, cfg.smoothing, cfg.reprob) == (0.75, 0.1, 0.1, 0.25)  # report's
+        if row == "scratch":
+            assert "--from_scratch" in c and "--finetune" not in c
+        else:
+            seed = c[c.index("--seed") + 1]
+            assert c[c.index("--finetune") + 1] == os.path.join("output", "schedule", row, "budget16",
+                                                                f"seed{seed}", "pretrain", "checkpoint-last.pth")
 
 
 def test_scale_to_budget():
@@ -65,7 +97,9 @@ def test_scale_to_budget():
 
 def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path):
     cmds = _dry_run("--plan", "schedule", "--seeds", "2", "--budgets", "8", "32", "--data_path", str(tmp_path))
-    assert len(cmds) == 2 * 2 * 2 * len(PLAN)  # seeds x budgets x stages x rows
+    pretrained = [r for r in PLAN if r != "scratch"]
+    # seeds x (budgets x 2 stages x pretrained rows + scratch's probe + the fine-tunings at 32)
+    assert len(cmds) == 2 * (2 * 2 * len(pretrained) + 1 + len(plan_finetune_rows("schedule")))
     monkeypatch.chdir(ROOT)
     seen = {}
     for c in cmds:
@@ -78,11 +112,13 @@ def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path):
             assert budget == f"budget{cfg.epochs}" and cfg.model == "mae_vit_smoke_patch4"
             seen[row, cfg.epochs] = cfg
         else:
-            assert cfg.cached_features and cfg.knn and cfg.epochs == 300 and cfg.model == "vit_smoke_patch4"
-            assert cfg.finetune == os.path.join(os.path.dirname(cfg.output_dir), "pretrain", "checkpoint-last.pth")
-    assert set(seen) == {(r, b) for r in PLAN for b in (8, 32)}
+            if stage == "linprobe":
+                assert cfg.cached_features and cfg.knn and cfg.epochs == 300 and cfg.model == "vit_smoke_patch4"
+            own = os.path.join(os.path.dirname(cfg.output_dir), "pretrain", "checkpoint-last.pth")
+            assert cfg.finetune == ("" if row == "scratch" else own) and cfg.from_scratch == (row == "scratch")
+    assert set(seen) == {(r, b) for r in pretrained for b in (8, 32)}
     for b, tau in ((8, 0.9), (32, 0.9 ** 0.25)):
-        assert all(seen[r, b].warmup_epochs == b // 4 for r in PLAN)
+        assert all(seen[r, b].warmup_epochs == b // 4 for r in pretrained)
         ema, improved, mae_k = seen["ema", b], seen["improved", b], seen["mae_k", b]
         assert (ema.target, ema.wse, ema.tau, ema.ema_every) == ("ema", b // 4, tau, "epoch")
         assert (improved.wse, improved.feature_ramp, improved.tau) == (b // 4, b // 4, tau)
@@ -91,11 +127,11 @@ def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path):
         assert seen["random", b].target == "random" and seen[REF, b].target == REF
 
 
-def test_model_override_reaches_both_stages(monkeypatch):
+def test_model_override_reaches_every_stage(monkeypatch):
     cmds = _dry_run("--plan", "schedule", "--only", REF, "--budgets", "8", "--model", "mae_vit_tiny_patch4")
     monkeypatch.chdir(ROOT)
-    pre, probe = (parse_config(SECTIONS[STAGE_OF[c[1]]], STAGE_OF[c[1]], c[2:]) for c in cmds)
-    assert pre.model == "mae_vit_tiny_patch4" and probe.model == "vit_tiny_patch4"
+    pre, probe, ft = (parse_config(SECTIONS[STAGE_OF[c[1]]], STAGE_OF[c[1]], c[2:]) for c in cmds)
+    assert pre.model == "mae_vit_tiny_patch4" and probe.model == ft.model == "vit_tiny_patch4"
     assert pre.output_dir.startswith(os.path.join("output", "schedule-mae_vit_tiny_patch4", REF, "budget8"))
 
 
@@ -138,6 +174,13 @@ def test_schedule_smoke_table(tmp_path, monkeypatch):
                 assert "knn_acc" in json.load(f)
             with open(os.path.join(d, "commands.json")) as f:
                 assert f"--budgets {b}" in json.load(f)["reproduce"]
+    # the short fine-tuning: pixel (a finetune_rows row) at the longest budget only, ema never
+    for row, b in ((REF, 2), (REF, 3), ("ema", 2), ("ema", 3)):
+        res = os.path.join(runs, row, f"budget{b}", "seed0", "finetune", "results.json")
+        assert os.path.isfile(res) == ((row, b) == (REF, 3))
+    with open(os.path.join(runs, REF, "budget3", "seed0", "finetune", "results.json")) as f:
+        ft = json.load(f)
+    assert ft["epochs"] == 1 and ft["kind"] == "finetune"
     # ema at budget 3: wse round(2 * 3/8) = 1, so epochs 1 and 2 regressed features
     with open(os.path.join(runs, "ema", "budget3", "seed0", "pretrain", "log.txt")) as f:
         assert [json.loads(line)["regress"] for line in f if line.strip()] == ["pixel", "feature", "feature"]
@@ -148,6 +191,7 @@ def test_schedule_smoke_table(tmp_path, monkeypatch):
     assert cols[:7] == ["row", "budget (epochs)", "seeds", "probe best acc@1", "kNN acc",
                         f"Δ probe vs {REF}", f"Δ kNN vs {REF}"]
     assert f"cost vs {REF}" in cols and f"{REF} epochs at equal wall-clock" in cols
+    assert cols[-2:] == ["fine-tune acc@1 (last epoch)", f"Δ fine-tune vs {REF}"]
     assert "interpolation" in md
     table = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
              if line.startswith("| ") and not line.startswith("| row")]
@@ -156,6 +200,8 @@ def test_schedule_smoke_table(tmp_path, monkeypatch):
         assert len(t) == len(cols) and t[2] == "1" and all(t[i] != "-" for i in (3, 4, 7))
         assert (t[5] == "-") == (t[0] == REF)  # the reference has no difference to itself
         assert (t[cols.index(f"cost vs {REF}")] == "-") == (t[0] == REF)
+        assert (t[-2] == "-") == ((t[0], t[1]) != (REF, "3"))
+    assert float(next(t for t in table if (t[0], t[1]) == (REF, "3"))[-2]) == pytest.approx(ft["last_acc1"], abs=5e-3)
     with open(os.path.join(runs, "schedule_results.json")) as f:
         stats = json.load(f)
     assert stats["reference"] == REF and stats["budgets"] == [2, 3]
@@ -167,7 +213,7 @@ def test_schedule_smoke_table(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "run_stage", lambda *a: pytest.fail("a stage ran"))
     with contextlib.redirect_stdout(buf):
         assert reproduce.main(argv) == 0
-    assert buf.getvalue().count("skipped") == 8
+    assert buf.getvalue().count("skipped") == 9  # 2 rows x 2 budgets x (pretrain, probe) + 1 fine-tuning
 
 
 def test_interpolation_helpers():
@@ -185,10 +231,13 @@ def test_interpolation_helpers():
     assert interp_log_budget(acc, 192.0) is None and interp_log_budget(acc, 4.0) is None  # not extrapolated
 
 
-def _put(root, row, budget, seed, best, knn, seconds):
+def _put(root, row, budget, seed, best, knn, seconds, ft=None):
     d = root / row / f"budget{budget}" / f"seed{seed}"
     (d / "linprobe").mkdir(parents=True)
     (d / "pretrain").mkdir()
+    if ft is not None:  # a short fine-tuning: best != last, the table reads the last epoch's
+        (d / "finetune").mkdir()
+        (d / "finetune" / "results.json").write_text(json.dumps({"best_acc1": ft + 5, "last_acc1": ft}))
     (d / "linprobe" / "results.json").write_text(json.dumps({"best_acc1": best, "last_acc1": best, "knn_acc": knn}))
     per_epoch = seconds / budget  # the log's seconds sum to `seconds`; a resumed epoch's line repeats
     lines = [{"epoch": e, "seconds": per_epoch} for e in range(budget)] + [{"epoch": budget - 1, "seconds": per_epoch}]
@@ -199,9 +248,9 @@ def test_paired_deltas_and_equal_wall_clock(tmp_path):
     """Synthetic runs: pixel at 8 / 32 (/ 128, not asked for), ema at 8 and 32 costing 2x pixel."""
     for seed, (p8, p32) in enumerate(((70.0, 80.0), (72.0, 78.0))):
         _put(tmp_path, REF, 8, seed, p8, p8 - 10, 100.0)
-        _put(tmp_path, REF, 32, seed, p32, p32 - 10, 400.0)
+        _put(tmp_path, REF, 32, seed, p32, p32 - 10, 400.0, ft=60.0 + seed)
         _put(tmp_path, "ema", 8, seed, p8 + 1 + seed, p8 - 12, 200.0)   # probe diffs +1, +2
-        _put(tmp_path, "ema", 32, seed, p32 - 1, p32 - 10, 800.0)
+        _put(tmp_path, "ema", 32, seed, p32 - 1, p32 - 10, 800.0, ft=63.0 + 2 * seed)  # ft diffs 3, 4
     st = collect_schedule(str(tmp_path), [REF, "ema"], [8, 32], REF)
     e8, e32 = st["ema"][8], st["ema"][32]
     m, sd, n = e8[f"d_{REF}_best_acc1"]
@@ -224,8 +273,12 @@ def test_paired_deltas_and_equal_wall_clock(tmp_path):
     assert e32["eq_best_acc1"][0] == pytest.approx(81.0)  # halfway: (80 + 84) / 2, (78 + 82) / 2
     assert e32["d_eq_best_acc1"][0] == pytest.approx((79 - 82 + 77 - 80) / 2)
     lines = schedule_table(st, REF).splitlines()
-    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 15  # 14 columns
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 17  # 14 + 2 fine-tuning columns
     assert lines[2].startswith(f"| {REF} | 8 | 2 | 71.00 ± 1.41 |")
     ema8 = lines[4].split("|")
     assert ema8[1].strip() == "ema" and "+1.50 ± 0.71" in ema8[6] and ema8[9].strip() == "2.00×"
     assert ema8[10].strip() == "16.0" and ema8[13].strip() == "-2.50 ± 2.12"
+    assert ema8[15].strip() == ema8[16].strip() == "-"  # no fine-tuning at budget 8
+    ema32 = lines[5].split("|")
+    assert ema32[15].strip() == "64.00 ± 1.41" and ema32[16].strip() == "+3.50 ± 0.71"  # last epoch, paired
+    assert e32["ft_acc1"][:2] == (64.0, pytest.approx(2 ** 0.5))
