@@ -24,7 +24,6 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,6 +35,7 @@ from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dataio.fake import make_images, write_fake_cifar10  # noqa: E402
 from dataio.loader import build_train_loader  # noqa: E402
 from target_encoder import TARGETS, EMATarget, PixelTarget  # noqa: E402
+from util.flops import count_step_flops  # noqa: E402
 from util.nonfinite import NonFiniteGuard  # noqa: E402
 from util.runtime import resolve_device, resolve_precision  # noqa: E402
 from util.trainer import Step  # noqa: E402
@@ -73,18 +73,16 @@ def bench_target(name: str, scale: dict, device: torch.device, images, labels, o
         loader = build_train_loader(cfg, images, labels, device, CIFAR10_MEAN, CIFAR10_STD, PRETRAIN)
         engine = main_pretrain.build_engine(cfg, device, train_set, CIFAR10_MEAN, CIFAR10_STD, len(loader))
         epoch = engine.target.switch_epoch or 0  # the feature phase when there is one
-        engine.begin_epoch(epoch, resumed=False)
         batches, guard, k = iter(loader), NonFiniteGuard(), 0
+        if not compile_:
+            result["flops_per_step"] = count_step_flops(engine, next(batches), epoch)
+            continue
+        engine.begin_epoch(epoch, resumed=False)
 
         def step():
             nonlocal k
             k += 1
             return engine.train_step(next(batches), Step(epoch, k, k, guard))
-        if not compile_:
-            with FlopCounterMode(display=False) as counter:
-                step()
-            result["flops_per_step"] = counter.get_total_flops()
-            continue
         for _ in range(scale["warmup"]):
             step()
         sync(device)

@@ -36,7 +36,7 @@ def read_json(path: str) -> Optional[dict]:
         return None
 
 
-def _read_yaml(path: str) -> Optional[dict]:
+def read_yaml_file(path: str) -> Optional[dict]:
     try:
         with open(path) as f:
             return yaml.safe_load(f)
@@ -57,7 +57,7 @@ def _read_seed(seed_dir: str) -> Dict[str, dict]:
         if os.path.isdir(d):
             stages[st] = {"dir": d, "log": read_log(os.path.join(d, "log.txt")),
                           "results": read_json(os.path.join(d, "results.json")),
-                          "config": _read_yaml(os.path.join(d, "config.yaml")) or {}}
+                          "config": read_yaml_file(os.path.join(d, "config.yaml")) or {}}
     return stages
 
 

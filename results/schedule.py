@@ -1,5 +1,6 @@
 """The schedule-length plan (reproduce.py --plan schedule, issue 16 section 1): the study's rows at
-several pretraining budgets, compared with pixel MAE at the same budget and at equal wall-clock.
+several pretraining budgets, compared with pixel MAE at the same budget, at equal wall-clock and at
+equal FLOPs.
 
 scale_to_budget is the one rule that turns a row written for the study's 8 epochs into a budget
 of B epochs; reproduce.py passes its values as flags, so `--dry_run` shows them.
@@ -7,18 +8,20 @@ of B epochs; reproduce.py passes its values as flags, so `--dry_run` shows them.
 Reads RUNS/ROW/budgetB/seedS/{pretrain,linprobe,finetune}/ (as written by reproduce.py) and writes into OUT:
     schedule_results.md    per row and budget: probe best acc@1 and kNN acc (mean +- std over
                            seeds), the paired differences to pixel at the same budget and seed, the
-                           pretraining wall-clock and its ratio to pixel's, and pixel at equal
-                           wall-clock (interpolated over pixel's budgets)
+                           pretraining wall-clock and FLOPs, their ratios to pixel's, and the
+                           differences to pixel at equal wall-clock / FLOPs (pixel interpolated
+                           over its budgets); the short fine-tuning's column where there is one
     schedule_results.json  the same numbers, machine-readable
     schedule.png           difference to pixel (probe, kNN) against the budget, one line per row
+                           (dotted: at equal FLOPs)
 """
 import json
 import math
 import os
 from typing import Dict, List, Optional
 
-from results.runs import mean_std
-from results.study import COST, DELTAS, cell, collect_study, finetune_columns, references
+from results.runs import mean_std, read_log, read_yaml_file
+from results.study import COST, DELTAS, FLOPS, cell, collect_study, finetune_columns, references
 
 # Options counted in epochs: scaled linearly with the budget. A new epoch-counted option of a row
 # (e.g. a stage length) must be added here, or it keeps its 8-epoch value at every budget.
@@ -103,23 +106,37 @@ def _mean(st: Optional[tuple]) -> Optional[float]:
     return st[0] if st else None
 
 
-def _equal_cost(row: dict, at_budget: Dict[int, dict], ref: str, budget: int) -> None:
-    """Add to one row-at-a-budget (collect_study's stats) the comparison with the reference:
-    cost_ratio (its mean wall-clock / the reference's at the same budget), eq_budget (the reference
-    budget of equal wall-clock), eq_METRIC (the reference there, interpolated per seed) and
-    d_eq_METRIC (row - reference there, paired over seeds)."""
-    ref_cost = {b: _mean(st[ref][COST]) for b, st in at_budget.items() if st.get(ref)}
-    own, same = _mean(row[COST]), ref_cost.get(budget)
-    row["cost_ratio"] = own / same if own and same else None
-    row["eq_budget"] = eq = budget_at_cost(ref_cost, own) if own else None
+def _equal_cost(row: dict, at_budget: Dict[int, dict], ref: str, budget: int, cost: str = COST,
+                ratio: str = "cost_ratio", eq: str = "eq") -> None:
+    """Add to one row-at-a-budget (collect_study's stats) the comparison with the reference at equal
+    `cost` (COST: wall-clock seconds; FLOPS: pretraining FLOPs): RATIO (its mean cost / the
+    reference's at the same budget), EQ_budget (the reference budget of equal cost), EQ_METRIC (the
+    reference there, interpolated per seed) and d_EQ_METRIC (row - reference there, paired over seeds)."""
+    ref_cost = {b: _mean(st[ref].get(cost)) for b, st in at_budget.items() if st.get(ref)}
+    own, same = _mean(row.get(cost)), ref_cost.get(budget)
+    row[ratio] = own / same if own and same else None
+    row[f"{eq}_budget"] = at = budget_at_cost(ref_cost, own) if own else None
     ref_seeds = {b: st[ref]["seeds"] for b, st in at_budget.items() if st.get(ref)}
     seeds = sorted({s for per in ref_seeds.values() for s in per})
     for k in DELTAS:
-        at_eq = {s: interp_log_budget({b: per[s].get(k) for b, per in ref_seeds.items() if s in per}, eq)
+        at_eq = {s: interp_log_budget({b: per[s].get(k) for b, per in ref_seeds.items() if s in per}, at)
                  for s in seeds}
-        row[f"eq_{k}"] = mean_std(list(at_eq.values()))
-        row[f"d_eq_{k}"] = mean_std([v[k] - at_eq[s] for s, v in row["seeds"].items()
-                                     if k in v and at_eq.get(s) is not None])
+        row[f"{eq}_{k}"] = mean_std(list(at_eq.values()))
+        row[f"d_{eq}_{k}"] = mean_std([v[k] - at_eq[s] for s, v in row["seeds"].items()
+                                       if k in v and at_eq.get(s) is not None])
+
+
+def _add_flops(stats: Dict[str, dict], runs_root: str, budget: int) -> None:
+    """Each run's pretraining FLOPs (results.flops) into collect_study's stats of one budget."""
+    from results.flops import pretrain_flops  # here: it builds models (torch); a dry run needs none
+    for name, row in stats.items():
+        for seed, vals in row["seeds"].items():
+            d = os.path.join(runs_root, name, budget_dir(budget), f"seed{seed}", "pretrain")
+            config, log = read_yaml_file(os.path.join(d, "config.yaml")), read_log(os.path.join(d, "log.txt"))
+            flops = pretrain_flops(config, log) if config and log else None
+            if flops is not None:
+                vals[FLOPS] = flops
+        row[FLOPS] = mean_std([v.get(FLOPS) for v in row["seeds"].values()])
 
 
 def measured_budgets(runs_root: str, name: str) -> List[int]:
@@ -132,17 +149,20 @@ def measured_budgets(runs_root: str, name: str) -> List[int]:
 def collect_schedule(runs_root: str, names: List[str], budgets: List[int], ref: str) -> Dict[str, dict]:
     """{row: {budget: stats}} for the rows and budgets asked for: collect_study's statistics of
     RUNS/ROW/budgetB (d_REF_METRIC: paired over seeds at the same budget) plus _equal_cost's. The
-    equal-wall-clock comparison uses every budget the reference has on disk, asked for or not."""
+    equal-cost comparisons (wall-clock and FLOPs) use every budget the reference has on disk, asked
+    for or not."""
     at_budget: Dict[int, dict] = {}
     for b in sorted(set(budgets) | set(measured_budgets(runs_root, ref))):
         rows = list(dict.fromkeys([ref] + (names if b in budgets else [])))
         at_budget[b] = collect_study(runs_root, rows, [ref], subdir=budget_dir(b))
+        _add_flops(at_budget[b], runs_root, b)
     out: Dict[str, dict] = {name: {} for name in names}
     for name in names:
         for b in budgets:
             st = at_budget[b][name]
             if name != ref:
-                _equal_cost(st, at_budget, ref, b)
+                _equal_cost(st, at_budget, ref, b)  # wall-clock
+                _equal_cost(st, at_budget, ref, b, FLOPS, "flops_ratio", "eqf")
             out[name][b] = st
     return out
 
@@ -153,43 +173,51 @@ def schedule_table(stats: Dict[str, dict], ref: str) -> str:
     the short fine-tuning's columns when a row has one)."""
     ft_head, ft_cells = finetune_columns({f"{n}@{b}": st for n, per in stats.items() for b, st in per.items()}, ref)
     head = ["row", "budget (epochs)", "seeds", "probe best acc@1", "kNN acc", f"Δ probe vs {ref}",
-            f"Δ kNN vs {ref}", "pretrain min", f"cost vs {ref}", f"{ref} epochs at equal wall-clock",
-            f"{ref} probe at equal wall-clock (interp.)", f"{ref} kNN at equal wall-clock (interp.)",
-            f"Δ probe vs {ref} at equal wall-clock", f"Δ kNN vs {ref} at equal wall-clock"] + ft_head
+            f"Δ kNN vs {ref}", "pretrain min", f"wall-clock vs {ref}", f"Δ probe vs {ref} at equal wall-clock",
+            f"Δ kNN vs {ref} at equal wall-clock", "pretrain TFLOP", f"FLOPs vs {ref}",
+            f"{ref} epochs at equal FLOPs", f"Δ probe vs {ref} at equal FLOPs", f"Δ kNN vs {ref} at equal FLOPs"]
+    head += ft_head
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, per_budget in stats.items():
         for b, st in per_budget.items():
             if not st["seeds"]:  # e.g. scratch, run at the longest budget only
                 continue
             minutes = st[COST] and (st[COST][0] / 60, st[COST][1] / 60, st[COST][2])
-            ratio = f"{st['cost_ratio']:.2f}×" if st.get("cost_ratio") else "-"
-            eq = f"{st['eq_budget']:.1f}" if st.get("eq_budget") else "-"
+            tflop = st.get(FLOPS) and (st[FLOPS][0] / 1e12, st[FLOPS][1] / 1e12, st[FLOPS][2])
             cells = [name, str(b), str(len(st["seeds"])), cell(st["best_acc1"]), cell(st["knn_acc"]),
                      cell(st.get(f"d_{ref}_best_acc1"), True), cell(st.get(f"d_{ref}_knn_acc"), True),
-                     cell(minutes), ratio, eq, cell(st.get("eq_best_acc1")), cell(st.get("eq_knn_acc")),
-                     cell(st.get("d_eq_best_acc1"), True), cell(st.get("d_eq_knn_acc"), True)] + ft_cells(st)
+                     cell(minutes), _ratio(st.get("cost_ratio")), cell(st.get("d_eq_best_acc1"), True),
+                     cell(st.get("d_eq_knn_acc"), True), cell(tflop), _ratio(st.get("flops_ratio")),
+                     f"{st['eqf_budget']:.1f}" if st.get("eqf_budget") else "-",
+                     cell(st.get("d_eqf_best_acc1"), True), cell(st.get("d_eqf_knn_acc"), True)] + ft_cells(st)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(x: Optional[float]) -> str:
+    return f"{x:.2f}×" if x else "-"
 
 
 NOTES = """Accuracies in %, mean ± std over seeds. Δ vs {ref}: paired over seeds (same budget, same seed:
 the seed fixes initialisation, data order and masks), mean ± std of the per-seed differences.
 *pretrain min*: pretraining wall-clock (sum of the epochs' `seconds` in pretrain/log.txt: the
-training loop, without start-up and the probe). *cost vs {ref}*: its ratio to {ref}'s at the same
-budget. *{ref} epochs at equal wall-clock*: the {ref} budget whose wall-clock equals the row's
-(log-budget linear in log-seconds between {ref}'s measured budgets, proportional beyond them).
-*at equal wall-clock (interp.)*: an **interpolation**, not a run: {ref}'s probe / kNN at that budget,
-linear in log-budget between its two measured budgets around it, per seed (Δ paired over seeds);
-'-' outside {ref}'s measured budgets (not extrapolated: run {ref} at a longer budget to cover it).
-Wall-clock depends on what else the machine ran at the time. *fine-tune acc@1*: the short
-fine-tuning of plan.yaml's finetune_rows (results.recipe.STUDY_RECIPE["finetune"], the same for
-every row), run at the longest budget: last-epoch test acc@1, Δ paired over seeds.
+training loop, without start-up and the probe); it depends on what else the machine ran at the
+time. *pretrain TFLOP*: pretraining compute counted by torch.utils.flop_counter on the engine's own
+step (results/flops.py: matmuls and convolutions, forward + backward, target pass included),
+independent of the machine. *vs {ref}*: the ratio to {ref}'s at the same budget. *{ref} epochs at
+equal FLOPs*: the {ref} budget of the same compute. *Δ at equal wall-clock / FLOPs*: the row minus
+{ref} at the budget of the same cost, an **interpolation**, not a run: {ref}'s probe / kNN linear in
+log-budget between its two measured budgets around it, per seed (Δ paired over seeds); '-' outside
+{ref}'s measured budgets (not extrapolated: run {ref} at a longer budget to cover it).
+*fine-tune acc@1*: the short fine-tuning of plan.yaml's finetune_rows
+(results.recipe.STUDY_RECIPE["finetune"], the same for every row), run at the longest budget:
+last-epoch test acc@1, Δ paired over seeds.
 """
 
 
 def plot_schedule(stats: Dict[str, dict], path: str, ref: str) -> None:
     """Two panels (probe, kNN): Δ vs ref against the budget (log x), a line per row, error bars =
-    paired std over seeds; dotted, same colour: Δ vs ref at equal wall-clock (interpolated)."""
+    paired std over seeds; dotted, same colour: Δ vs ref at equal FLOPs (interpolated)."""
     from results.plots import pyplot  # here: results.plots imports torch, the dry run needs none
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -204,7 +232,7 @@ def plot_schedule(stats: Dict[str, dict], path: str, ref: str) -> None:
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
                             color=cmap(i % 10), marker="o", capsize=3, label=name)
-            eq = [(b * jitter, st[f"d_eq_{k}"][0]) for b, st in stats[name].items() if st.get(f"d_eq_{k}")]
+            eq = [(b * jitter, st[f"d_eqf_{k}"][0]) for b, st in stats[name].items() if st.get(f"d_eqf_{k}")]
             if eq:
                 ax.plot([p[0] for p in eq], [p[1] for p in eq], color=cmap(i % 10), ls=":", marker="x")
         ax.set_xscale("log")
@@ -216,7 +244,7 @@ def plot_schedule(stats: Dict[str, dict], path: str, ref: str) -> None:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     handles.append(axes[0].plot([], [], color="grey", ls=":", marker="x")[0])
-    labels.append(f"dotted: vs {ref} at equal wall-clock (interpolated)")
+    labels.append(f"dotted: vs {ref} at equal FLOPs (interpolated)")
     fig.suptitle(f"Difference to {ref} at the same budget; error bars: std of the paired per-seed differences",
                  fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)

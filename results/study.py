@@ -21,6 +21,8 @@ DELTAS = ("best_acc1", "knn_acc")
 HEALTH = ("target_std", "pred_std", "target_erank")
 # Pretraining wall-clock: the sum of the epochs' "seconds" in pretrain/log.txt (training loop only).
 COST = "pretrain_seconds"
+# Pretraining compute, counted (results/flops.py): the schedule plan's machine-independent cost.
+FLOPS = "pretrain_flops"
 # The short fine-tuning's (plan.yaml's finetune_rows) last-epoch test acc@1: the last epoch, not the
 # best, so that no choice is made on the test set.
 FINETUNE = "ft_acc1"

@@ -190,7 +190,7 @@ def test_schedule_smoke_table(tmp_path, monkeypatch):
     cols = [c.strip() for c in head.strip("|").split("|")]
     assert cols[:7] == ["row", "budget (epochs)", "seeds", "probe best acc@1", "kNN acc",
                         f"Δ probe vs {REF}", f"Δ kNN vs {REF}"]
-    assert f"cost vs {REF}" in cols and f"{REF} epochs at equal wall-clock" in cols
+    assert f"wall-clock vs {REF}" in cols and f"FLOPs vs {REF}" in cols and f"{REF} epochs at equal FLOPs" in cols
     assert cols[-2:] == ["fine-tune acc@1 (last epoch)", f"Δ fine-tune vs {REF}"]
     assert "interpolation" in md
     table = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
@@ -199,7 +199,8 @@ def test_schedule_smoke_table(tmp_path, monkeypatch):
     for t in table:
         assert len(t) == len(cols) and t[2] == "1" and all(t[i] != "-" for i in (3, 4, 7))
         assert (t[5] == "-") == (t[0] == REF)  # the reference has no difference to itself
-        assert (t[cols.index(f"cost vs {REF}")] == "-") == (t[0] == REF)
+        assert (t[cols.index(f"wall-clock vs {REF}")] == "-") == (t[0] == REF)
+        assert (t[cols.index(f"FLOPs vs {REF}")] == "-") == (t[0] == REF) and t[cols.index("pretrain TFLOP")] != "-"
         assert (t[-2] == "-") == ((t[0], t[1]) != (REF, "3"))
     assert float(next(t for t in table if (t[0], t[1]) == (REF, "3"))[-2]) == pytest.approx(ft["last_acc1"], abs=5e-3)
     with open(os.path.join(runs, "schedule_results.json")) as f:
@@ -208,6 +209,11 @@ def test_schedule_smoke_table(tmp_path, monkeypatch):
     ema3, pix3 = stats["rows"]["ema"]["3"], stats["rows"][REF]["3"]
     assert ema3[f"d_{REF}_knn_acc"][0] == pytest.approx(ema3["knn_acc"][0] - pix3["knn_acc"][0])
     assert ema3["cost_ratio"] == pytest.approx(ema3["pretrain_seconds"][0] / pix3["pretrain_seconds"][0])
+    # counted FLOPs: pixel's are proportional to the epochs (same steps each); ema's feature epochs
+    # (2 of 3) add the target pass, so it costs more than pixel at the same budget
+    pix2 = stats["rows"][REF]["2"]
+    assert pix3["pretrain_flops"][0] == pytest.approx(1.5 * pix2["pretrain_flops"][0])
+    assert 1.0 < ema3["flops_ratio"] < 2.0 and ema3["eqf_budget"] == pytest.approx(3 * ema3["flops_ratio"])
     assert os.path.getsize(os.path.join(runs, "schedule.png")) > 1000
     buf = io.StringIO()  # a second call runs nothing
     monkeypatch.setattr(reproduce, "run_stage", lambda *a: pytest.fail("a stage ran"))
@@ -273,12 +279,13 @@ def test_paired_deltas_and_equal_wall_clock(tmp_path):
     assert e32["eq_best_acc1"][0] == pytest.approx(81.0)  # halfway: (80 + 84) / 2, (78 + 82) / 2
     assert e32["d_eq_best_acc1"][0] == pytest.approx((79 - 82 + 77 - 80) / 2)
     lines = schedule_table(st, REF).splitlines()
-    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 17  # 14 + 2 fine-tuning columns
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 19  # 16 + 2 fine-tuning columns
     assert lines[2].startswith(f"| {REF} | 8 | 2 | 71.00 ± 1.41 |")
     ema8 = lines[4].split("|")
     assert ema8[1].strip() == "ema" and "+1.50 ± 0.71" in ema8[6] and ema8[9].strip() == "2.00×"
-    assert ema8[10].strip() == "16.0" and ema8[13].strip() == "-2.50 ± 2.12"
-    assert ema8[15].strip() == ema8[16].strip() == "-"  # no fine-tuning at budget 8
+    assert ema8[10].strip() == "-2.50 ± 2.12" and e8["eq_budget"] == pytest.approx(16.0)
+    assert ema8[12].strip() == ema8[13].strip() == "-"  # no config.yaml here: no FLOPs counted
+    assert ema8[17].strip() == ema8[18].strip() == "-"  # no fine-tuning at budget 8
     ema32 = lines[5].split("|")
-    assert ema32[15].strip() == "64.00 ± 1.41" and ema32[16].strip() == "+3.50 ± 0.71"  # last epoch, paired
+    assert ema32[17].strip() == "64.00 ± 1.41" and ema32[18].strip() == "+3.50 ± 0.71"  # last epoch, paired
     assert e32["ft_acc1"][:2] == (64.0, pytest.approx(2 ** 0.5))
