@@ -18,6 +18,7 @@ from config import PretrainConfig
 from dataio.augment import PRETRAIN
 from dataio.datasets import normalization
 from dataio.loader import build_train_loader
+from target_encoder import PIXEL_HEAD
 from util.flops import count_step_flops
 
 # what the step's FLOPs cannot depend on: left out of the cache key, so seeds share one count
@@ -65,7 +66,7 @@ def pretrain_flops(config: dict, log: List[dict]) -> Optional[float]:
     first_of_phase: Dict[bool, int] = {}
     total, prev = 0.0, 0
     for epoch in sorted(last):
-        feature = last[epoch]["regress"] != "pixel"
+        feature = last[epoch]["regress"] != PIXEL_HEAD
         phase_epoch = first_of_phase.setdefault(feature, epoch)
         steps = int(last[epoch]["step"]) - prev
         prev = int(last[epoch]["step"])
