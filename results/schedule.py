@@ -221,7 +221,8 @@ def plot_schedule(stats: Dict[str, dict], path: str, ref: str) -> None:
     from results.plots import pyplot  # here: results.plots imports torch, the dry run needs none
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    names = [n for n in stats if n != ref]
+    # rows without pretraining (scratch: tens of points below) would squash the axis; the table has them
+    names = [n for n in stats if n != ref and any(st.get(COST) for st in stats[n].values())]
     budgets = sorted({b for per in stats.values() for b in per})
     cmap = plt.get_cmap("tab10")
     for ax, k in zip(axes, DELTAS):
