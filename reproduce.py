@@ -28,8 +28,10 @@ on Fashion-MNIST with a small model and a 6,000-image training subset, about 30 
 
 The schedule plan runs the study's recipe for its rows (configs/schedule/) at every pretraining
 budget, into OUTPUT_ROOT/NAME/budgetB/seedS/{pretrain,linprobe[,finetune]}/, the epoch-counted options and tau
-scaled by results.schedule.scale_to_budget (the scaled values are flags, shown by --dry_run); its
-table (paired deltas vs pixel, and pixel at equal wall-clock) and figure (results/schedule.py) go
+scaled by results.schedule.scale_to_budget (the scaled values are flags, shown by --dry_run); the
+rows of plan.yaml's finetune_rows are also fine-tuned briefly at the longest budget, and a row
+without pretraining (scratch) runs once, at the longest budget. Its table (paired deltas vs pixel,
+and vs pixel at equal counted FLOPs and at equal wall-clock) and figure (results/schedule.py) go
 to OUTPUT_ROOT. --model swaps the study's smoke model for another registered MAE model (default
 output root then output/PLAN-MODEL).
 """
