@@ -244,6 +244,9 @@ def check_args(args) -> List[str]:
     if unknown:
         raise UserError(f"not rows of plan {args.plan!r}: {', '.join(unknown)} "
                         f"(choose from {', '.join(PLANS[args.plan])})")
+    stray = [n for n in plan_finetune_rows(args.plan) if n not in PLANS[args.plan]]
+    if stray:  # a typo there would otherwise fine-tune nothing, silently
+        raise UserError(f"configs/{args.plan}/plan.yaml: finetune_rows {', '.join(stray)} not in its rows")
     if args.device or args.precision:  # the scripts' own rules, checked now rather than at the first stage
         from config import SECTIONS, parse_config
         parse_config(SECTIONS["pretrain"], "pretrain", _shared_flags(args))

@@ -95,6 +95,14 @@ def test_scale_to_budget():
         {"epochs": 16, "warmup_epochs": 4, "tau": 0.99 ** 0.5, "tau_end": 0.999 ** 0.5})
 
 
+def test_a_finetune_row_that_is_not_a_row_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "plan_finetune_rows", lambda plan: [REF, "pixle"])
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--plan", "schedule", "--dry_run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "finetune_rows pixle not in its rows" in err and len(err.splitlines()) == 1
+
+
 def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path):
     cmds = _dry_run("--plan", "schedule", "--seeds", "2", "--budgets", "8", "32", "--data_path", str(tmp_path))
     pretrained = [r for r in PLAN if r != "scratch"]
