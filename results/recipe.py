@@ -28,8 +28,9 @@ STUDY_RECIPE = {
     # The short fine-tuning column (issue 16): the report's recipe (main_finetune's defaults: layer
     # decay 0.75, drop path 0.1, label smoothing 0.1, RandAugment, random erasing 0.25, wd 0.05)
     # for 10 epochs instead of 100, at blr 5e-3 instead of 1e-3: the same for every row,
-    # pretrained or from scratch. Chosen on pixel@16 seed 0 (docs/RESULTS.md section 6): 5 epochs at
-    # blr 1e-3 reached 43.6% (probe 77), 5 at 5e-3 60.5, 10 at 2e-3 63.5, 10 at 5e-3 67.6, 10 at 1e-2 65.8.
+    # pretrained or from scratch. Chosen on pixel@16 seed 0 (docs/RESULTS.md section 6): 5 epochs
+    # at blr 1e-3 reached 43.6% (probe 77), 5 at 5e-3 60.5, 10 at 2e-3 63.5, 10 at 5e-3 67.6, 10 at
+    # 1e-2 65.8.
     "finetune": {"model": "vit_smoke_patch4", "epochs": 10, "warmup_epochs": 1, "batch_size": 128,
                  "blr": 5.0e-3, "weight_decay": 0.05, "num_workers": 0, "print_freq": 1000, "save_freq": 1000},
 }
