@@ -133,6 +133,9 @@ def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path):
         assert improved.pixel_weight == 1.0 and improved.target_layers == 3
         assert (mae_k.target, mae_k.k) == ("mae_k", b // 4)
         assert seen["random", b].target == "random" and seen[REF, b].target == REF
+        staged, sepdec = seen["staged", b], seen["improved_sepdec", b]
+        assert (staged.target, staged.k, staged.stage_reset) == ("staged", b // 2, True)  # two stages
+        assert sepdec.feature_decoder == "separate" and seen["improved_mm2", b].num_masks == 2
 
 
 def test_model_override_reaches_every_stage(monkeypatch):
