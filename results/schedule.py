@@ -215,6 +215,13 @@ last-epoch test acc@1, Δ paired over seeds.
 """
 
 
+def plotted_budgets(stats: Dict[str, dict], ref: str) -> List[int]:
+    """The budgets at which some row has a Δ vs ref to plot (the figure's x ticks): a budget only
+    the reference was run at (pixel at 64, for the equal-FLOPs interpolation) adds no point."""
+    return sorted({b for name, per in stats.items() if name != ref
+                   for b, st in per.items() if st.get(f"d_{ref}_{DELTAS[0]}")})
+
+
 def plot_schedule(stats: Dict[str, dict], path: str, ref: str) -> None:
     """Two panels (probe, kNN): Δ vs ref against the budget (log x), a line per row, error bars =
     paired std over seeds; dotted, same colour: Δ vs ref at equal FLOPs (interpolated)."""
@@ -223,7 +230,7 @@ def plot_schedule(stats: Dict[str, dict], path: str, ref: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     # rows without pretraining (scratch: tens of points below) would squash the axis; the table has them
     names = [n for n in stats if n != ref and any(st.get(COST) for st in stats[n].values())]
-    budgets = sorted({b for per in stats.values() for b in per})
+    budgets = plotted_budgets(stats, ref)
     cmap = plt.get_cmap("tab10")
     for ax, k in zip(axes, DELTAS):
         ax.axhline(0.0, color="black", lw=1, label=f"{ref} (same budget)")

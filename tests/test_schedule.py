@@ -17,8 +17,8 @@ from config import SECTIONS, parse_config
 from dataio.fake import write_fake_fashion_mnist
 from results.recipe import STUDY_RECIPE
 from results.plans import plan_finetune_rows
-from results.schedule import (budget_at_cost, collect_schedule, interp_log_budget, scale_to_budget,
-                              schedule_table)
+from results.schedule import (budget_at_cost, collect_schedule, interp_log_budget, plotted_budgets,
+                              scale_to_budget, schedule_table)
 from results.study import references
 
 PLAN = reproduce.PLANS["schedule"]
@@ -300,3 +300,6 @@ def test_paired_deltas_and_equal_wall_clock(tmp_path):
     ema32 = lines[5].split("|")
     assert ema32[17].strip() == "64.00 ± 1.41" and ema32[18].strip() == "+3.50 ± 0.71"  # last epoch, paired
     assert e32["ft_acc1"][:2] == (64.0, pytest.approx(2 ** 0.5))
+    # pixel alone at 128, asked for: a table line, but no point (nor x tick) in the figure
+    st = collect_schedule(str(tmp_path), [REF, "ema"], [8, 32, 128], REF)
+    assert list(st[REF]) == [8, 32, 128] and plotted_budgets(st, REF) == [8, 32]
