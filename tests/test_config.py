@@ -230,3 +230,17 @@ def test_device_names():
     for bad in ("gpu", "cuda:", "cuda:x", "cuda:\u00b2", "CPU"):
         with pytest.raises(UserError, match="device must be auto, cpu, cuda, cuda:N or mps"):
             parse_config(PretrainConfig, "pretrain", ["--device", bad])
+
+
+@pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
+                                          if f.endswith(".yaml")))
+def test_every_top_level_preset_parses(preset):
+    """Each configs/*.yaml section parses through the same checks as the command line, so a
+    preset that names an unknown key or an out-of-range value fails here, not in a user's run."""
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", preset)
+    with open(path) as f:
+        sections = [s for s in yaml.safe_load(f) if s in SECTIONS]
+    assert sections, f"{preset} has no pretrain/finetune/linprobe section"
+    for stage in sections:
+        cfg = parse_config(SECTIONS[stage], stage, ["--config", path])
+        assert isinstance(cfg, SECTIONS[stage])

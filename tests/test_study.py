@@ -78,27 +78,46 @@ def test_study_commands_parse(scale, monkeypatch, tmp_path):
     assert cfg.target == "ema" and cfg.target_layers == 3 and cfg.pixel_weight == 1.0
 
 
-def test_pretrain_improved_preset_matches_the_best_schedule_row():
-    """configs/pretrain_improved.yaml turns on exactly the target options of the schedule study's
-    best row at its longest budget (docs/RESULTS.md section 6), which extends the 8-epoch study's
-    improved row."""
+def _preset_options(*path):
     import yaml
-    from config import PretrainConfig
+    with open(os.path.join(reproduce.ROOT, "configs", *path)) as f:
+        return yaml.safe_load(f)["pretrain"]
 
-    def options(*path):
-        with open(os.path.join(reproduce.ROOT, "configs", *path)) as f:
-            return yaml.safe_load(f)["pretrain"]
-    best, study, preset = (options("schedule", "improved_sepdec.yaml"), options("study", "improved.yaml"),
-                           options("pretrain_improved.yaml"))
-    # epoch counts (wse, feature_ramp) and tau are scaled to each schedule; the switches must agree
-    switches = ("target", "ema_every", "target_layers", "target_norm", "target_prenorm", "pixel_weight", "tau_end",
-                "feature_decoder", "num_masks", "stage_reset")
+
+# the options that choose what is regressed and how (epoch counts and tau are scaled per budget)
+TARGET_SWITCHES = ("target", "ema_every", "target_layers", "target_norm", "target_prenorm", "pixel_weight",
+                   "tau_end", "feature_decoder", "num_masks", "stage_reset")
+
+
+def _assert_same_switches(row, preset):
+    from config import PretrainConfig
     default = PretrainConfig()
-    for key in switches:
-        assert best.get(key, getattr(default, key)) == preset.get(key, getattr(default, key)), key
-    # the schedule's row is the study's improved row plus a separate feature decoder
-    assert {k: v for k, v in best.items() if k != "feature_decoder"} == study
-    assert preset["feature_decoder"] != default.feature_decoder
+    for key in TARGET_SWITCHES:
+        assert row.get(key, getattr(default, key)) == preset.get(key, getattr(default, key)), key
+
+
+def test_pretrain_improved_preset_is_the_best_schedule_row():
+    """configs/pretrain_improved.yaml is the schedule study's best row at its longest budget
+    (docs/RESULTS.md section 6: mae_k at 64 epochs), with its epoch-counted options scaled by the
+    study's own rule to the preset's 200 epochs (K = a quarter of the budget)."""
+    from results.recipe import STUDY_RECIPE
+    from results.schedule import scale_to_budget
+    best, preset = _preset_options("schedule", "mae_k.yaml"), _preset_options("pretrain_improved.yaml")
+    _assert_same_switches(best, preset)
+    scaled = scale_to_budget(best, preset["epochs"], STUDY_RECIPE["pretrain"])
+    assert preset["k"] == scaled["k"] == 50
+
+
+def test_pretrain_ema_improved_preset_is_the_improved_row_with_a_separate_decoder():
+    """configs/pretrain_ema_improved.yaml (the preset before the 64-epoch runs) turns on exactly
+    the target options of the schedule's improved_sepdec row, which is the 8-epoch study's improved
+    row plus a separate feature decoder."""
+    from config import PretrainConfig
+    row, study = _preset_options("schedule", "improved_sepdec.yaml"), _preset_options("study", "improved.yaml")
+    preset = _preset_options("pretrain_ema_improved.yaml")
+    _assert_same_switches(row, preset)
+    assert {k: v for k, v in row.items() if k != "feature_decoder"} == study
+    assert preset["feature_decoder"] != PretrainConfig().feature_decoder
 
 
 def test_study_default_data_path():
