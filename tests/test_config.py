@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import config
+from conftest import ROOT
 from config import (SECTIONS, FinetuneConfig, LinprobeConfig, PretrainConfig, RunConfig, bounds_text,
                     build_parser, check_field, choices_of, parse_config)
 from util.errors import UserError
@@ -232,12 +233,11 @@ def test_device_names():
             parse_config(PretrainConfig, "pretrain", ["--device", bad])
 
 
-@pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
-                                          if f.endswith(".yaml")))
+@pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml")))
 def test_every_top_level_preset_parses(preset):
     """Each configs/*.yaml section parses through the same checks as the command line, so a
     preset that names an unknown key or an out-of-range value fails here, not in a user's run."""
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", preset)
+    path = os.path.join(ROOT, "configs", preset)
     with open(path) as f:
         sections = [s for s in yaml.safe_load(f) if s in SECTIONS]
     assert sections, f"{preset} has no pretrain/finetune/linprobe section"
