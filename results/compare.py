@@ -1,0 +1,99 @@
+"""Two runs of the same study rows side by side, paired over seeds: one setting changed (e.g.
+`--precision bf16` against fp32), everything else equal.
+
+    python -m results.compare output/study_fp32 output/study_bf16 --rows pixel ema --labels fp32 bf16
+
+Reads A/NAME/seedS and B/NAME/seedS (reproduce.py's layout, results/study.collect_study) and prints
+a markdown table: per row, probe best acc@1, kNN acc and pretraining seconds under A and B, and
+B - A paired over the seeds both have (the seed fixes init, data order and masks, so the pairs
+differ only by the changed setting). The pretraining config.yaml keys on which A and B differ are
+listed under the table, so a comparison that changed more than it meant to shows it.
+"""
+import argparse
+import os
+from typing import Dict, List, Optional
+
+from results.runs import mean_std, read_yaml_file
+from results.study import COST, cell, collect_study
+from util.errors import UserError, cli
+
+METRICS = {"best_acc1": "probe best acc@1", "knn_acc": "kNN acc", COST: "pretrain s"}
+# config.yaml keys that always differ between two output roots
+_PATH_KEYS = ("output_dir", "resume")
+
+
+def compare_roots(root_a: str, root_b: str, names: List[str], subdir: str = "") -> Dict[str, dict]:
+    """{row: {"seeds": [s, ...], "a": {metric: (mean, std, n)}, "b": {...}, "d": {metric: B - A paired}}}
+    over the seeds with finished probes in both roots (None where there is none)."""
+    a = collect_study(root_a, names, refs=[], subdir=subdir)
+    b = collect_study(root_b, names, refs=[], subdir=subdir)
+    out: Dict[str, dict] = {}
+    for name in names:
+        sa, sb = a[name]["seeds"], b[name]["seeds"]
+        seeds = sorted(s for s in sa if s in sb)
+        row: Dict[str, object] = {"seeds": seeds, "a": {}, "b": {}, "d": {}}
+        for k in METRICS:
+            both = [s for s in seeds if k in sa[s] and k in sb[s]]
+            row["a"][k] = mean_std([sa[s][k] for s in both])
+            row["b"][k] = mean_std([sb[s][k] for s in both])
+            row["d"][k] = mean_std([sb[s][k] - sa[s][k] for s in both])
+        out[name] = row
+    return out
+
+
+def config_differences(root_a: str, root_b: str, names: List[str], subdir: str = "") -> Dict[str, tuple]:
+    """{key: (value in A, value in B)} of the pretraining config.yaml keys that differ between the
+    two roots for some row and seed (output paths excepted)."""
+    diff: Dict[str, tuple] = {}
+    for name in names:
+        da = os.path.join(root_a, name, subdir)
+        for sd in sorted(os.listdir(da)) if os.path.isdir(da) else []:
+            ca = read_yaml_file(os.path.join(da, sd, "pretrain", "config.yaml"))
+            cb = read_yaml_file(os.path.join(root_b, name, subdir, sd, "pretrain", "config.yaml"))
+            if ca is None or cb is None:
+                continue
+            for k in sorted(set(ca) | set(cb)):
+                if k not in _PATH_KEYS and ca.get(k) != cb.get(k):
+                    diff.setdefault(k, (ca.get(k), cb.get(k)))
+    return diff
+
+
+def compare_table(stats: Dict[str, dict], labels=("A", "B"), diffs: Optional[Dict[str, tuple]] = None) -> str:
+    """Markdown table of compare_roots' result, then the config keys that differ."""
+    la, lb = labels
+    head = ["row", "seeds"]
+    for name in METRICS.values():
+        head += [f"{name} {la}", f"{name} {lb}", f"Δ {name} ({lb} − {la})"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, st in stats.items():
+        cells = [name, str(len(st["seeds"]))]
+        for k in METRICS:
+            cells += [cell(st["a"][k]), cell(st["b"][k]), cell(st["d"][k], True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if diffs is not None:
+        changed = ", ".join(f"{k}: {va} → {vb}" for k, (va, vb) in diffs.items()) or "nothing"
+        lines += ["", f"Pretraining configs differ in: {changed}."]
+    return "\n".join(lines) + "\n"
+
+
+@cli
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root_a", help="reproduce.py OUTPUT_ROOT of the baseline")
+    ap.add_argument("root_b", help="reproduce.py OUTPUT_ROOT of the changed setting")
+    ap.add_argument("--rows", nargs="+", required=True, metavar="NAME", help="row names (NAME/seedS folders)")
+    ap.add_argument("--labels", nargs=2, default=None, metavar=("A", "B"), help="column labels (default: folder names)")
+    ap.add_argument("--subdir", default="", help="e.g. budget32 in the schedule plan's layout")
+    a = ap.parse_args(argv)
+    for root in (a.root_a, a.root_b):
+        if not os.path.isdir(root):
+            raise UserError(f"no run directory {root}")
+    labels = a.labels or [os.path.basename(os.path.normpath(r)) for r in (a.root_a, a.root_b)]
+    stats = compare_roots(a.root_a, a.root_b, a.rows, a.subdir)
+    if not any(st["seeds"] for st in stats.values()):
+        raise UserError(f"no seed of {', '.join(a.rows)} has a finished probe in both roots")
+    print(compare_table(stats, labels, config_differences(a.root_a, a.root_b, a.rows, a.subdir)), end="")
+
+
+if __name__ == "__main__":
+    main()
