@@ -3,10 +3,10 @@
 
     python -m results.compare output/study_fp32 output/study_bf16 --rows pixel ema --labels fp32 bf16
 
-Reads A/NAME/seedS and B/NAME/seedS (reproduce.py's layout, results/study.collect_study) and prints
-a markdown table: per row, probe best acc@1, kNN acc and pretraining seconds under A and B, and
-B - A paired over the seeds both have (the seed fixes init, data order and masks, so the pairs
-differ only by the changed setting). The pretraining config.yaml keys on which A and B differ are
+Reads A/NAME/seedS and B/NAME/seedS (reproduce.py's layout, results/study.collect_study) and
+prints a markdown table: per row, probe best acc@1, kNN acc, the last pretraining epoch's loss
+and the pretraining seconds under A and B, and B - A paired over the seeds both have (the seed
+fixes init, data order and masks, so the pairs differ only by the changed setting). The pretraining config.yaml keys on which A and B differ are
 listed under the table, so a comparison that changed more than it meant to shows it.
 """
 import argparse
@@ -14,10 +14,11 @@ import os
 from typing import Dict, List, Optional
 
 from results.runs import mean_std, read_yaml_file
-from results.study import COST, cell, collect_study
+from results.study import COST, LOSS, cell, collect_study
 from util.errors import UserError, cli
 
-METRICS = {"best_acc1": "probe best acc@1", "knn_acc": "kNN acc", COST: "pretrain s"}
+METRICS = {"best_acc1": "probe best acc@1", "knn_acc": "kNN acc", LOSS: "last pretrain loss", COST: "pretrain s"}
+DIGITS = {LOSS: 4}  # losses differ in the third decimal; accuracies and seconds print 2
 # config.yaml keys that always differ between two output roots
 _PATH_KEYS = ("output_dir", "resume")
 
@@ -68,7 +69,8 @@ def compare_table(stats: Dict[str, dict], labels=("A", "B"), diffs: Optional[Dic
     for name, st in stats.items():
         cells = [name, str(len(st["seeds"]))]
         for k in METRICS:
-            cells += [cell(st["a"][k]), cell(st["b"][k]), cell(st["d"][k], True)]
+            dg = DIGITS.get(k, 2)
+            cells += [cell(st["a"][k], digits=dg), cell(st["b"][k], digits=dg), cell(st["d"][k], True, dg)]
         lines.append("| " + " | ".join(cells) + " |")
     if diffs is not None:
         changed = ", ".join(f"{k}: {va} → {vb}" for k, (va, vb) in diffs.items()) or "nothing"

@@ -19,6 +19,9 @@ METRICS = ("best_acc1", "last_acc1", "knn_acc")
 DELTAS = ("best_acc1", "knn_acc")
 # Collapse signals from the last pretraining epoch's log line (target_encoder.Target.health).
 HEALTH = ("target_std", "pred_std", "target_erank")
+# The last pretraining epoch's loss (pixel or feature, as that epoch regressed; comparable between
+# two runs of the same row, not across rows).
+LOSS = "pretrain_loss"
 # Pretraining wall-clock: the sum of the epochs' "seconds" in pretrain/log.txt (training loop only).
 COST = "pretrain_seconds"
 # Pretraining compute, counted (results/flops.py): the schedule plan's machine-independent cost.
@@ -62,12 +65,14 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
             log = read_log(os.path.join(d, sd, "pretrain", "log.txt"))
             if log:  # last pretraining epoch: how spread out targets and predictions still are
                 vals.update({k: float(log[-1][k]) for k in HEALTH if k in log[-1]})
+                if "loss" in log[-1]:
+                    vals[LOSS] = float(log[-1]["loss"])
                 seconds = pretrain_seconds(log)
                 if seconds is not None:
                     vals[COST] = seconds
             per_seed[int(sd[4:])] = vals
         row: Dict[str, object] = {"seeds": per_seed}
-        for k in METRICS + HEALTH + (COST, FINETUNE):
+        for k in METRICS + HEALTH + (LOSS, COST, FINETUNE):
             row[k] = mean_std([v.get(k) for v in per_seed.values()])
         out[name] = row
     for name, row in out.items():  # paired over seeds: the seed fixes init, data order and masks
@@ -81,12 +86,13 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
     return out
 
 
-def cell(st: Optional[tuple], signed: bool = False) -> str:
+def cell(st: Optional[tuple], signed: bool = False, digits: int = 2) -> str:
+    """(mean, std, n) -> "mean ± std" ("mean" alone for one value, "-" for None)."""
     if st is None:
         return "-"
     m, sd, n = st
-    txt = f"{m:+.2f}" if signed else f"{m:.2f}"
-    return f"{txt} ± {sd:.2f}" if n > 1 else txt
+    txt = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
+    return f"{txt} ± {sd:.{digits}f}" if n > 1 else txt
 
 
 def study_table(stats: Dict[str, dict], refs: Optional[List[str]] = None) -> str:

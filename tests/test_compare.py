@@ -7,14 +7,14 @@ import pytest
 from results.compare import compare_roots, compare_table, config_differences, main
 
 
-def _put(root, row, seed, best, knn, seconds=None, precision="fp32"):
+def _put(root, row, seed, best, knn, seconds=None, precision="fp32", loss=0.5):
     d = root / row / f"seed{seed}"
     (d / "linprobe").mkdir(parents=True)
     (d / "linprobe" / "results.json").write_text(json.dumps({"best_acc1": best, "last_acc1": best, "knn_acc": knn}))
     (d / "pretrain").mkdir()
     (d / "pretrain" / "config.yaml").write_text(f"precision: {precision}\noutput_dir: {d}\nseed: {seed}\n")
     if seconds is not None:
-        (d / "pretrain" / "log.txt").write_text(json.dumps({"epoch": 0, "seconds": seconds}) + "\n")
+        (d / "pretrain" / "log.txt").write_text(json.dumps({"epoch": 0, "seconds": seconds, "loss": loss}) + "\n")
 
 
 @pytest.fixture
@@ -23,8 +23,8 @@ def roots(tmp_path):
     _put(a, "pixel", 0, 50.0, 60.0, seconds=10.0)
     _put(a, "pixel", 1, 60.0, 70.0, seconds=12.0)
     _put(a, "pixel", 2, 99.0, 99.0)  # no partner in B: left out of every column
-    _put(b, "pixel", 0, 51.0, 58.0, seconds=30.0, precision="bf16")
-    _put(b, "pixel", 1, 63.0, 70.0, seconds=40.0, precision="bf16")
+    _put(b, "pixel", 0, 51.0, 58.0, seconds=30.0, precision="bf16", loss=0.5012)
+    _put(b, "pixel", 1, 63.0, 70.0, seconds=40.0, precision="bf16", loss=0.5004)
     return a, b
 
 
@@ -39,6 +39,7 @@ def test_differences_are_paired_over_the_common_seeds(roots):
     m, sd, n = px["d"]["knn_acc"]
     assert (m, n) == (-1.0, 2) and sd == pytest.approx(2 ** 0.5)  # diffs -2 and 0
     assert px["d"]["pretrain_seconds"][0] == pytest.approx(24.0)
+    assert px["d"]["pretrain_loss"][0] == pytest.approx(0.0008)
     assert st["ema"]["seeds"] == [] and st["ema"]["d"]["best_acc1"] is None
 
 
@@ -49,7 +50,8 @@ def test_table_names_the_labels_and_the_changed_config(roots):
     lines = compare_table(compare_roots(str(a), str(b), ["pixel"]), ("fp32", "bf16"), diffs).splitlines()
     assert "Δ probe best acc@1 (bf16 − fp32)" in lines[0]
     assert lines[2].startswith("| pixel | 2 | 55.00 ± 7.07 | 57.00 ± 8.49 | +2.00 ± 1.41 |")
-    assert lines[0].count("|") == lines[2].count("|") == 12  # 11 columns
+    assert "| 0.5000 ± 0.0000 | 0.5008 ± 0.0006 | +0.0008 ± 0.0006 |" in lines[2]  # losses: 4 decimals
+    assert lines[0].count("|") == lines[2].count("|") == 15  # 14 columns
     assert lines[-1] == "Pretraining configs differ in: precision: fp32 → bf16."
 
 
