@@ -48,8 +48,12 @@ def test_signal_sets_stop_request():
         stop.restore()
 
 
-def test_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch, capsys):
-    args = ("--target", "ema", "--wse", "1", "--ema_every", "step", "--tau", "0.8", "--epochs", "3")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stop_mid_epoch_then_resume_equals_uninterrupted(precision, cifar_root, tmp_path, monkeypatch, capsys):
+    """Stopped at step 2 of epoch 1 (after the switch to features) and resumed with the same
+    command, the run ends where the uninterrupted one does, in fp32 and under bf16 autocast."""
+    args = ("--target", "ema", "--wse", "1", "--ema_every", "step", "--tau", "0.8", "--epochs", "3",
+            "--precision", precision)
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path / "straight", *args))
 
     monkeypatch.setattr(util.trainer, "StopRequest", stop_during_step(5 + 1 + 2))
