@@ -6,8 +6,9 @@
 Reads A/NAME/seedS and B/NAME/seedS (reproduce.py's layout, results/study.collect_study) and
 prints a markdown table: per row, probe best acc@1, kNN acc, the last pretraining epoch's loss
 and the pretraining seconds under A and B, and B - A paired over the seeds both have (the seed
-fixes init, data order and masks, so the pairs differ only by the changed setting). The pretraining config.yaml keys on which A and B differ are
-listed under the table, so a comparison that changed more than it meant to shows it.
+fixes init, data order and masks, so the pairs differ only by the changed setting). Under the
+table, the pretraining config.yaml keys on which A and B differ: a comparison that changed more
+than it meant to shows it.
 """
 import argparse
 import os
