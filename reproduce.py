@@ -35,7 +35,6 @@ and vs pixel at equal counted FLOPs and at equal wall-clock) and figure (results
 to OUTPUT_ROOT. --model swaps the study's smoke model for another registered MAE model (default
 output root then output/PLAN-MODEL).
 """
-import argparse
 import json
 import os
 import shlex
@@ -49,7 +48,7 @@ from results.plans import (PLAN_NAMES, ROOT, plan_dir, plan_finetune_rows, plan_
 from results.recipe import (STUDY_DATA, STUDY_RECIPE, STUDY_SMOKE, STUDY_STAGES, check_study_flags,  # noqa: F401
                             run_dir, study_args)
 from results.recipe import flags as _flags
-from util.errors import UserError, cli
+from util.errors import ArgumentParser, UserError, cli
 
 SMOKE = os.path.join("configs", "smoke.yaml")
 FULL_EVAL = {"finetune": os.path.join("configs", "finetune.yaml"),
@@ -186,13 +185,8 @@ def run_stage(cmd: List[str], log_file: str, quiet: bool) -> int:
         return proc.wait()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2 (via cli), no usage block
-        raise UserError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plan", default="report", choices=sorted(PLANS), help="which table to reproduce")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="run only these rows (configs/PLAN/NAME.yaml)")

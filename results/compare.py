@@ -10,13 +10,12 @@ fixes init, data order and masks, so the pairs differ only by the changed settin
 table, the pretraining config.yaml keys on which A and B differ: a comparison that changed more
 than it meant to shows it.
 """
-import argparse
 import os
 from typing import Dict, List, Optional
 
 from results.runs import mean_std, read_yaml_file
 from results.study import COST, LOSS, cell, collect_study
-from util.errors import UserError, cli
+from util.errors import ArgumentParser, UserError, cli
 
 METRICS = {"best_acc1": "probe best acc@1", "knn_acc": "kNN acc", LOSS: "last pretrain loss", COST: "pretrain s"}
 DIGITS = {LOSS: 4}  # losses differ in the third decimal; accuracies and seconds print 2
@@ -81,7 +80,7 @@ def compare_table(stats: Dict[str, dict], labels=("A", "B"), diffs: Optional[Dic
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root_a", help="reproduce.py OUTPUT_ROOT of the baseline")
     ap.add_argument("root_b", help="reproduce.py OUTPUT_ROOT of the changed setting")
     ap.add_argument("--rows", nargs="+", required=True, metavar="NAME", help="row names (NAME/seedS folders)")

@@ -18,7 +18,6 @@ and, unless --no_models, from each row's seed-0 pretraining checkpoint (results/
     featsim_NAME.png      with one: per-patch cosine similarity, target vs feature-head prediction
 The rows' order, the report's numbers and the baseline come from configs/report/plan.yaml.
 """
-import argparse
 import os
 from typing import List
 
@@ -27,7 +26,7 @@ from results.plans import load_plan
 from results.plots import SWEEPS, plot_curves, plot_pretrain_loss, plot_sweep
 from results.runs import collect, first_seed
 from results.tables import write_results
-from util.errors import UserError, cli
+from util.errors import ArgumentParser, UserError, cli
 
 FIGURES = ("finetune_curves.png", "linprobe_curves.png", *(f"sweep_{s[0]}.png" for s in SWEEPS),
            "pretrain_loss.png")
@@ -71,7 +70,7 @@ def make_all(runs_root: str, out_dir: str, models: bool = True) -> List[str]:
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Figures and results.md from reproduce.py run directories")
+    ap = ArgumentParser(description="Figures and results.md from reproduce.py run directories")
     ap.add_argument("--runs", default=os.path.join("output", "report"), help="OUTPUT_ROOT of reproduce.py")
     ap.add_argument("--out", default="report_figures", help="where to write the figures and results.md")
     ap.add_argument("--no_models", action="store_true", help="skip the pictures that need checkpoints")

@@ -65,3 +65,7 @@ def test_cli_prints_the_table_and_refuses_roots_without_pairs(roots, tmp_path, c
     with pytest.raises(SystemExit) as e:
         main([str(a), str(tmp_path / "nope"), "--rows", "pixel"])
     assert e.value.code == 2 and "no run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a flag missing: one line, no usage block
+        main([str(a), str(b)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: the following arguments")

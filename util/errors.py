@@ -1,4 +1,5 @@
 """User-facing errors: one line on stderr and exit code 2, never a traceback."""
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -18,3 +19,10 @@ def cli(main: Callable[..., None]) -> Callable[..., None]:
             sys.stderr.write(f"error: {e}\n")
             sys.exit(2)
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for a @cli main: a bad argument is a UserError (one line, exit 2), without
+    argparse's usage block."""
+    def error(self, message: str) -> None:
+        raise UserError(message)
