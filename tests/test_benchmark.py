@@ -24,6 +24,7 @@ def test_throughput_smoke_writes_every_row(tmp_path, capsys):
     out = tmp_path / "rows.json"
     load_benchmark().main(["--device", "cpu", "--model", "mae_vit_smoke_patch4", "--batch_size", "16",
                            "--steps", "2", "--warmup", "1", "--images", "512", "--workers", "0", "--json", str(out),
+                           "--precision", "fp32",  # auto is bf16 on a CPU with AVX512-BF16
                            "--bench", "data", "pretrain", "finetune", "features"])
     rows = json.loads(out.read_text())
     found = {(r["bench"], r["variant"]) for r in rows}
