@@ -26,6 +26,7 @@ from dataio.in_memory import InMemoryLoader, crop_resize
 from util.distributed import rank, world
 from util.errors import UserError
 from util.runtime import DATA, epoch_seed
+from util.signals import worker_ignores_stops
 
 DATA_LOADERS = ("in_memory", "torchvision")
 PREFETCH = 4  # batches each FileLoader worker decodes ahead: slow JPEGs do not stall a step
@@ -104,7 +105,8 @@ class TorchvisionLoader(_ToDevice):
         # drop_last keeps every step the same shape (no recompiles, no tiny last batch).
         self.loader = DataLoader(ArrayDataset(images, labels, transform), batch_size=batch_size,
                                  sampler=self.sampler, drop_last=drop_last, num_workers=num_workers,
-                                 generator=self.generator, pin_memory=device.type == "cuda")
+                                 generator=self.generator, pin_memory=device.type == "cuda",
+                                 worker_init_fn=worker_ignores_stops)
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
@@ -181,7 +183,8 @@ class FileLoader(_ToDevice):
         self.loader = DataLoader(FileDataset(files, labels, transform), batch_size=batch_size,
                                  sampler=self.sampler, drop_last=drop_last, num_workers=num_workers,
                                  generator=torch.Generator().manual_seed(seed),
-                                 pin_memory=device.type == "cuda", **workers)
+                                 pin_memory=device.type == "cuda", worker_init_fn=worker_ignores_stops,
+                                 **workers)
 
     def start_at(self, epoch: int, step: int) -> None:
         """The coming pass over `epoch` is a resume at batch `step`: its first `step` batches are

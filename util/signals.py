@@ -1,5 +1,14 @@
-"""Graceful stop: SIGTERM/SIGINT ask the loop to finish its current step and checkpoint."""
+"""Graceful stop: SIGTERM/SIGINT ask the loop to finish its current step and checkpoint.
+
+Launchers stop a run by signalling its whole process group (Slurm's scancel, `timeout`,
+systemd, Ctrl-C in a shell): DataLoader workers get the signal too. The main process alone
+decides when to stop, so workers ignore both signals (`worker_ignores_stops`, every loader's
+worker_init_fn); they end when the main process shuts its loaders down, or, if it was killed,
+when torch's watchdog sees their parent gone.
+"""
 import signal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
@@ -12,7 +21,7 @@ class StopRequest:
         self.requested = False
         self.signal_name, self.signal_number = "", 0
         self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some test runners): no handlers
@@ -28,6 +37,14 @@ class StopRequest:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def worker_ignores_stops(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a stop signal sent to the process group is the main process's
+    to handle. Without this, torch's worker handler dies on SIGTERM (Python's default kills it
+    on SIGINT) and the main process fails with "DataLoader worker ... killed" before it saves."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def should_stop(stop, steps_done: int, print_freq: int, device) -> bool:
