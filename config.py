@@ -27,7 +27,7 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -74,6 +74,9 @@ def __getattr__(name: str) -> Any:
 @dataclass
 class RunConfig:
     """Flags every script shares: data, optimisation schedule, run bookkeeping."""
+    # The keys the command set (YAML or flags), by parse_config; the rest are defaults. Not a
+    # field: a resumed run takes the checkpoint's value for every key not given (util.rundir).
+    given: ClassVar[FrozenSet[str]] = frozenset()
     config: str = opt("", "YAML file with defaults; command-line flags override it")
     # data
     dataset: str = opt("cifar10", "dataset name (image_folder: your own images, RGB, ImageNet mean/std; read "
@@ -524,6 +527,10 @@ def parse_config(cls: type, section: str, argv: Optional[List[str]] = None):
     values.update(flags)
     sources.update({key: "" for key in flags})
     cfg = cls(**values)
-    cfg.validate(sources)
+    cfg.given = frozenset(sources)
+    if cfg.resume:  # rules between fields wait for the checkpoint's values (util.rundir)
+        check_fields(cfg, sources)
+    else:
+        cfg.validate(sources)
     return cfg
 

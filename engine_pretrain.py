@@ -41,9 +41,10 @@ class Pretraining:
 
     def begin_epoch(self, epoch: int, resumed: bool) -> Dict[str, object]:
         """Hard copies (MAE-K refresh, EMA creation) happen at the start of an epoch; resumed
-        inside an epoch, the first run already did them."""
+        inside an epoch, the first run already did them (and its checkpoint says whether)."""
         self.model.train()
-        self.refreshed = False if resumed else self.target.on_epoch_start(epoch, self.model.encoder)
+        if not resumed:
+            self.refreshed = self.target.on_epoch_start(epoch, self.model.encoder)
         if self.refreshed and self.cfg.stage_reset and epoch > 0:
             self.restart_student()
         self.heads = self.target.heads(epoch)
@@ -112,9 +113,11 @@ class Pretraining:
 
     def state_dict(self) -> Dict[str, object]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **self.target.state_dict()}
+                **self.target.state_dict(), "target_refreshed": self.refreshed}
 
     def load_state_dict(self, ckpt: Dict[str, object]) -> None:
+        # read by a mid-epoch resume: the epoch's log line says what its start did
+        self.refreshed = bool(ckpt.get("target_refreshed", False))
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.target.load_state_dict(ckpt, self.model.encoder)

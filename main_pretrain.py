@@ -116,14 +116,16 @@ def main(argv=None) -> None:
         try:
             engine.load_state_dict(ckpt)
         except RuntimeError as e:
-            raise UserError(f"{resume}: does not match model {cfg.model} ({str(e).splitlines()[0]})")
+            raise UserError(f"{resume}: holds a {ckpt['config'].get('model')} run, which does not load into "
+                            f"{cfg.model} ({str(e).splitlines()[0]})")
         at = f", step {ckpt['epoch_step']}" if ckpt.get("epoch_step") else ""
         print(f"resumed from {resume} at epoch {ckpt['epoch']}{at}")
+    run = Run(cfg, engine, loader, ckpt, resume)
     n_params = sum(p.numel() for p in engine.model.parameters())
     print(f"{cfg.model} ({n_params / 1e6:.2f}M params) target={cfg.target} on {device}, "
           f"{len(images)} images, {len(loader)} batches/epoch, effective batch "
           f"{cfg.batch_size * cfg.accum_iter * dist.world()}, lr {cfg.lr:.2e}, output {cfg.output_dir}")
-    Run(cfg, engine, loader, ckpt, resume).fit()
+    run.fit()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ TARGET_NORMS = ("none", "layernorm", "instancenorm")
 PIXEL_HEAD, FEATURE_HEAD = "pixel", "feature"
 
 TARGETS: Dict[str, Type["Target"]] = {}
+# Options every kind with a feature phase reads (the `Target` docstring); pixel MAE reads none.
+FEATURE_OPTIONS = ("target_layers", "target_norm", "target_prenorm", "pixel_weight", "feature_ramp",
+                   "feature_decoder")
 
 
 def register_target(name: str) -> Callable[[Type["Target"]], Type["Target"]]:
@@ -59,10 +62,14 @@ def register_target(name: str) -> Callable[[Type["Target"]], Type["Target"]]:
 
 
 def build_target(cfg, steps_per_epoch: int = 1) -> "Target":
-    """The target named by cfg.target, configured from cfg (a PretrainConfig)."""
+    """The target named by cfg.target, configured from cfg (a PretrainConfig); prints a note for
+    each option the command set that cannot act on it."""
     if cfg.target not in TARGETS:
         raise UserError(f"unknown target {cfg.target!r}; choose from {', '.join(TARGETS)}")
-    return TARGETS[cfg.target](cfg, steps_per_epoch)
+    target = TARGETS[cfg.target](cfg, steps_per_epoch)
+    for note in target.notes(cfg):
+        print(f"note: {note}")
+    return target
 
 
 def per_mask(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -151,6 +158,7 @@ class Target:
     kind: str = ""                      # the registry name, set by register_target
     options: Tuple[str, ...] = ()       # the config fields this kind reads beyond the shared ones
     switch_epoch: Optional[int] = None  # first epoch regressing features; None: never
+    refreshes_later = True              # refreshes a teacher after epoch 0 (what --stage_reset acts on)
 
     def __init__(self, cfg, steps_per_epoch: int = 1):
         if cfg.target_norm not in TARGET_NORMS:
@@ -164,7 +172,26 @@ class Target:
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        """Raise UserError (one line) for a config this kind cannot run."""
+        """Raise UserError (one line) for a config this kind cannot run: e.g. a schedule whose
+        teacher would arrive after the last epoch (the run would be pixel MAE under another name)."""
+
+    def reads(self) -> Tuple[str, ...]:
+        """The target options that act on this run: the kind's own, the feature options once
+        there is a feature phase, stage_reset where a teacher is refreshed after epoch 0."""
+        shared = FEATURE_OPTIONS if self.switch_epoch is not None else ()
+        return self.options + shared + (("stage_reset",) if self.refreshes_later else ())
+
+    def notes(self, cfg) -> Tuple[str, ...]:
+        """One line for each option the command set (cfg.given) that cannot act on this run."""
+        every = {o for kind in TARGETS.values() for o in kind.options} | set(FEATURE_OPTIONS) | {"stage_reset"}
+        unused = sorted(o for o in every - set(self.reads()) if o in cfg.given)
+        out = [f"--target {self.kind} does not read {', '.join(unused)}: ignored"] if unused else []
+        phase = self.epochs - (self.switch_epoch or 0)
+        if self.switch_epoch is not None and "feature_ramp" in cfg.given and self.feature_ramp > phase:
+            out.append(f"feature_ramp {self.feature_ramp} is longer than the feature phase (epochs "
+                       f"{self.switch_epoch}-{self.epochs - 1}): the feature loss weight ends at "
+                       f"{self.feature_weight(self.epochs - 1):.2g}, not 1")
+        return tuple(out)
 
     # ---- schedule ---------------------------------------------------------------------------
     def uses_features(self, epoch: int) -> bool:
@@ -322,6 +349,7 @@ def token_health(tokens: torch.Tensor) -> Dict[str, float]:
 @register_target("pixel")
 class PixelTarget(Target):
     """Plain MAE: pixels of removed patches, always; no target encoder."""
+    refreshes_later = False
 
 
 @register_target("mae_k")
@@ -332,6 +360,12 @@ class MAEKTarget(Target):
     def __init__(self, cfg, steps_per_epoch: int = 1):
         super().__init__(cfg, steps_per_epoch)
         self.k = self.switch_epoch = cfg.k
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.k >= cfg.epochs:
+            raise UserError(f"k {cfg.k} must be below epochs {cfg.epochs}: --target {cfg.target} first copies its "
+                            f"teacher at the start of epoch {cfg.k}, after the run ends")
 
     def schedule_info(self, epoch: int) -> Dict[str, Any]:
         return {"k": self.k}
@@ -406,6 +440,18 @@ class DualTarget(EMATarget):
         self.k, self.slow_lambda = cfg.k, cfg.slow_lambda
         self.slow: Optional[MAEEncoder] = None
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.k >= cfg.epochs:
+            raise UserError(f"k {cfg.k} must be below epochs {cfg.epochs}: --target dual refreshes its snapshot "
+                            f"every k epochs")
+
+    def notes(self, cfg) -> Tuple[str, ...]:
+        never = self.wse + self.k >= self.epochs
+        return super().notes(cfg) + ((f"dual: the snapshot taken at epoch {self.wse} is never refreshed "
+                                      f"(next at epoch {self.wse + self.k}, epochs {self.epochs})",) if never else ())
+
     def schedule_info(self, epoch: int) -> Dict[str, Any]:
         return {"k": self.k, **super().schedule_info(epoch)}
 
@@ -437,6 +483,7 @@ class RandomTarget(Target):
     """dBOT's first stage: regress, from epoch 0, the features of a frozen copy of the online
     encoder taken at the start of epoch 0, before any training (its random init), never updated."""
     switch_epoch = 0
+    refreshes_later = False
 
     def refresh(self, epoch: int, online: MAEEncoder) -> bool:
         if epoch == 0:
@@ -454,6 +501,12 @@ class StagedTarget(MAEKTarget):
     def __init__(self, cfg, steps_per_epoch: int = 1):
         super().__init__(cfg, steps_per_epoch)
         self.switch_epoch = 0
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.k >= cfg.epochs:
+            raise UserError(f"k {cfg.k} must be below epochs {cfg.epochs}: the second stage of --target staged "
+                            f"starts at epoch {cfg.k}, after the run ends (one stage is --target random)")
 
     def refresh(self, epoch: int, online: MAEEncoder) -> bool:
         if epoch % self.k == 0:

@@ -140,7 +140,7 @@ def test_ablation_plan_commands_parse(tmp_path, monkeypatch):
     assert (indep.wd_norm_bias, indep.norm_std, indep.crop_interpolation, indep.feature_head_init) == (
         True, "0.2891", "bilinear_uint8", "torch")
     # each single-factor row differs from ema in exactly one field
-    differ = lambda a, b: {k for k in vars(a) if getattr(a, k) != getattr(b, k) and k not in ("config", "output_dir")}  # noqa: E731
+    differ = lambda a, b: {k for k, v in a.to_dict().items() if v != getattr(b, k) and k not in ("config", "output_dir")}  # noqa: E731
     for row in ("ema_wd_all", "ema_std", "ema_crop_u8", "ema_head_torch"):
         assert len(differ(pretrain[row], base)) == 1, row
     assert np.isclose(float(indep.norm_std), 0.3530 * 0.2023 / 0.2470, atol=1e-4)

@@ -51,15 +51,21 @@ def test_registry_holds_every_kind():
         build_target(PretrainConfig(target="banana"))
 
 
-@pytest.mark.parametrize("kind,wse,epochs,ok", [
-    ("ema", 0, 1, True), ("ema", 1, 1, False), ("ema", -1, 5, False), ("dual", 5, 5, False),
-    ("dual", 4, 5, True), ("pixel", 9, 2, True), ("mae_k", 9, 2, True), ("random", 9, 2, True)])
-def test_kind_specific_config_rules(kind, wse, epochs, ok):
-    cfg = PretrainConfig(target=kind, wse=wse, epochs=epochs)
-    if ok:
+@pytest.mark.parametrize("kind,wse,k,epochs,error", [
+    ("ema", 0, 10, 1, None), ("ema", 1, 10, 1, r"wse must be in \[0, epochs"),
+    ("ema", -1, 10, 5, r"wse must be in \[0, epochs"), ("dual", 5, 2, 5, r"wse must be in \[0, epochs"),
+    ("dual", 4, 2, 5, None), ("pixel", 9, 9, 2, None), ("random", 9, 9, 2, None),
+    # a teacher that would arrive after the last epoch: the run would be another method
+    ("mae_k", 0, 1, 2, None), ("mae_k", 0, 2, 2, "k 2 must be below epochs 2"),
+    ("mae_k", 0, 5, 2, "first copies its teacher at the start of epoch 5"),
+    ("staged", 0, 2, 2, "second stage of --target staged starts at epoch 2"), ("staged", 0, 1, 2, None),
+    ("dual", 0, 5, 5, "k 5 must be below epochs 5")])
+def test_kind_specific_config_rules(kind, wse, k, epochs, error):
+    cfg = PretrainConfig(target=kind, wse=wse, k=k, epochs=epochs)
+    if error is None:
         TARGETS[kind].check_config(cfg)
     else:
-        with pytest.raises(UserError, match=r"wse must be in \[0, epochs"):
+        with pytest.raises(UserError, match=error):
             TARGETS[kind].check_config(cfg)
 
 

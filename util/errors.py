@@ -2,11 +2,20 @@
 import argparse
 import functools
 import sys
-from typing import Callable
+from typing import Callable, List
+
+# What a @cli main gives back when it ends, however it ends (run-directory locks: util.rundir).
+_AT_END: List[Callable[[], None]] = []
 
 
 class UserError(Exception):
     """Bad input from the user (flag, config, data path, checkpoint). Exit code 2."""
+
+
+def at_end(fn: Callable[[], None]) -> None:
+    """Call `fn` when the running @cli main returns, fails or exits (in-process runs included,
+    where atexit would wait for the interpreter)."""
+    _AT_END.append(fn)
 
 
 def cli(main: Callable[..., None]) -> Callable[..., None]:
@@ -18,6 +27,9 @@ def cli(main: Callable[..., None]) -> Callable[..., None]:
         except UserError as e:
             sys.stderr.write(f"error: {e}\n")
             sys.exit(2)
+        finally:
+            while _AT_END:
+                _AT_END.pop()()
     return wrapper
 
 

@@ -39,6 +39,7 @@ from util.errors import UserError
 from util.logger import RunLogger
 from util.lr_sched import adjust_learning_rate
 from util.nonfinite import NonFiniteGuard
+from util.rundir import write_config
 from util.runtime import epoch_batches, seed_epoch
 from util.signals import StopRequest, should_stop
 
@@ -171,6 +172,7 @@ class Run:
         self.cfg, self.engine, self.loader = cfg, engine, loader
         self.state = TrainState.from_checkpoint(resumed_from) if resumed_from else TrainState()
         self._check_world(resumed_path)
+        self._check_accum_iter()
         self.own_run = resumed_path is not None and (
             os.path.dirname(os.path.abspath(resumed_path)) == os.path.abspath(cfg.output_dir))
         self.guard = NonFiniteGuard(cfg.skip_nonfinite, self.state.skipped)
@@ -187,9 +189,20 @@ class Run:
                             f"{state.world_size} processes; finish that epoch with {state.world_size} (torchrun "
                             f"--nnodes x --nproc_per_node), not {now}, then change the layout")
 
+    def _check_accum_iter(self) -> None:
+        """--accum_iter beyond an epoch's batches: no optimizer step would see the effective batch
+        (and lr) the run announces, since groups end with the epoch."""
+        k, n = self.cfg.accum_iter, len(self.loader)
+        if k > n:
+            raise UserError(f"accum_iter {k} is larger than the {n} batches of an epoch (batch_size "
+                            f"{self.cfg.batch_size} x {dist.world()} process(es)): no optimizer step would use "
+                            f"the effective batch {self.cfg.batch_size * k * dist.world()}; use --accum_iter {n} "
+                            f"or less")
+
     def fit(self) -> None:
         """Train to the end or to a stop; exits non-zero on a stop or a non-finite loss."""
         cfg, engine, state = self.cfg, self.engine, self.state
+        write_config(cfg)  # now, not at the checks: a refused start leaves no config.yaml
         self._repair_outputs()
         stop = StopRequest()
         try:
