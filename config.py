@@ -205,6 +205,8 @@ class PretrainConfig(RunConfig):
                             "multi-mask); the batch's compute grows M times on the online side only", ge=1)
     feature_decoder: str = opt("shared", "the feature head on the pixel head's decoder (shared) or on a decoder "
                                          "of its own, same shape (separate; BootMAE)", "models_mae.FEATURE_DECODERS")
+    teacher: str = opt("", "--target teacher: an encoder.safetensors written by export_weights.py (any width, any "
+                           "input size on this model's patch grid) whose features are regressed from epoch 0")
     stage_reset: bool = opt(False, "re-initialise the student (weights and optimizer moments) whenever the "
                                    "target encoder is refreshed (dBOT's staged teachers: --target staged)")
     # Recipe details an independent loop of the same method chose differently (issue 17,

@@ -20,7 +20,7 @@ from dataio.datasets import image_channels, load_split, load_train, normalizatio
 from dataio.loader import build_eval_loader, build_train_loader
 from engine_eval import extract_features, knn_accuracy
 from engine_pretrain import Pretraining
-from models_mae import create_model
+from models_mae import arch_of, create_model
 from models_vit import check_input_channels, pool_tokens
 from target_encoder import build_target
 from util import distributed as dist
@@ -75,8 +75,11 @@ def find_resume(cfg) -> Optional[str]:
 def build_engine(cfg, device, train_set, mean, std, steps_per_epoch: int) -> Pretraining:
     """The model at cfg.input_size, its optimizer, target and kNN monitor. train_set: (images,
     labels, num_classes), images a uint8 array (N, H, W, C) or ImageFiles (`load_split`)."""
-    model = create_model(cfg.model, img_size=cfg.input_size, in_chans=image_channels(train_set[0]),
-                         feature_head_init=cfg.feature_head_init, feature_decoder=cfg.feature_decoder).to(device)
+    in_chans = image_channels(train_set[0])
+    target = build_target(cfg, steps_per_epoch=steps_per_epoch)
+    model = create_model(cfg.model, img_size=cfg.input_size, in_chans=in_chans,
+                         feature_head_init=cfg.feature_head_init, feature_decoder=cfg.feature_decoder,
+                         feature_dim=target.feature_dim(arch_of(cfg.model), in_chans)).to(device)
     if cfg.target_layers > len(model.encoder.blocks):
         raise UserError(f"target_layers {cfg.target_layers} exceeds the encoder depth {len(model.encoder.blocks)}")
     forward = model
@@ -85,8 +88,7 @@ def build_engine(cfg, device, train_set, mean, std, steps_per_epoch: int) -> Pre
         # head before it), hence find_unused_parameters. The target encoder stays outside DDP.
         forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     monitor = knn_monitor(model, cfg, device, mean, std, train_set) if cfg.knn_every and dist.is_main() else None
-    return Pretraining(cfg, model, speed_options(forward, cfg, device), build_optimizer(model, cfg),
-                       build_target(cfg, steps_per_epoch=steps_per_epoch), monitor)
+    return Pretraining(cfg, model, speed_options(forward, cfg, device), build_optimizer(model, cfg), target, monitor)
 
 
 @cli

@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
-from models_arch import MAE_PREFIX, Arch, ArchModels
+from models_arch import ARCHS, MAE_PREFIX, Arch, ArchModels
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -68,6 +68,7 @@ class MAEEncoder(nn.Module):
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
                  mlp_ratio: float = 4.0, norm_layer: Callable[..., nn.Module] = LayerNorm):
         super().__init__()
+        self.num_prefix_tokens = 1  # the cls token (timm's name: models_vit.resize_pos_embed reads it)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.embed_dim = embed_dim
@@ -176,7 +177,8 @@ class MaskedAutoencoderViT(nn.Module):
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4.0, norm_layer: Callable[..., nn.Module] = LayerNorm,
-                 feature_head_init: str = "xavier", feature_decoder: str = "shared"):
+                 feature_head_init: str = "xavier", feature_decoder: str = "shared",
+                 feature_dim: Optional[int] = None):
         super().__init__()
         if feature_decoder not in FEATURE_DECODERS:
             raise ValueError(f"feature_decoder must be one of {FEATURE_DECODERS}, not {feature_decoder!r}")
@@ -198,7 +200,9 @@ class MaskedAutoencoderViT(nn.Module):
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)  # pixel head
-        self.decoder_pred_feat = nn.Linear(decoder_embed_dim, embed_dim)  # feature head
+        # feature head: as wide as the target's tokens (target_encoder.Target.feature_dim; default
+        # the encoder's width, for copies of the encoder)
+        self.decoder_pred_feat = nn.Linear(decoder_embed_dim, feature_dim or embed_dim)
         # BootMAE: the feature head reads its own decoder (same shape) instead of the pixel head's
         self.feature_decoder = None if feature_decoder == "shared" else Decoder(
             embed_dim, grid, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer)
@@ -258,7 +262,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Mask, encode, decode, and apply the requested heads.
 
         Returns:
-            preds: {"pixel": (N, L, p*p*C), "feature": (N, L, D)} for the heads asked for,
+            preds: {"pixel": (N, L, p*p*C), "feature": (N, L, feature_dim)} for the heads asked for,
             mask: (N, L), 0 is keep, 1 is remove.
         """
         latent, mask, ids_restore = self.encoder.forward_masked(imgs, mask_ratio, noise)
@@ -289,6 +293,11 @@ def _build_mae(arch: Arch, **overrides) -> MaskedAutoencoderViT:
 # Registry for --model: "mae_<name>" for every architecture in models_arch.ARCHS (the numbers
 # live there, shared with the classifiers of models_vit).
 MODELS: Mapping[str, Callable[..., MaskedAutoencoderViT]] = ArchModels(MAE_PREFIX, _build_mae)
+
+
+def arch_of(name: str) -> Arch:
+    """The models_arch entry of a registry model name (mae_* or its encoder's)."""
+    return ARCHS[name[len(MAE_PREFIX):] if name.startswith(MAE_PREFIX) else name]
 
 
 def create_model(name: str, **overrides) -> MaskedAutoencoderViT:

@@ -12,6 +12,11 @@ One class per target kind, registered under its `--target` name in `TARGETS`:
             loss = L_ema + slow_lambda * L_snapshot, from one online forward pass.
     random: dBOT's first stage: from epoch 0 the features of a frozen copy of the randomly
             initialised online encoder, taken before any training and never updated.
+    staged: dBOT's staged teachers: `random`, then a snapshot of the online encoder at epochs
+            K, 2K, ...
+    hog:    MaskFeat: histograms of oriented gradients of the full image, per patch; no teacher.
+    teacher: a frozen encoder read from an encoder.safetensors this project exported (a
+            previous stage, a stronger model), any width, from epoch 0.
 
 Adding a target is one class plus one registry line, e.g. the EMA's features negated:
 
@@ -21,7 +26,8 @@ Adding a target is one class plus one registry line, e.g. the EMA's features neg
             return -super().feature_target(imgs, encoder)
 
 The config accepts every registered name, the training loop calls only the hooks of `Target`,
-and the checkpoint stores whatever `state_dict()` returns.
+and the checkpoint stores whatever `state_dict()` returns. A kind whose tokens have another
+width than the encoder's says so in `feature_dim`: the feature head is sized from it.
 
 A target encoder is a frozen module outside the optimizer and outside any DDP wrapper. It sees
 the full, unmasked, identically augmented image in eval mode without autograd, and its target
@@ -29,14 +35,17 @@ is the last block after the final norm with the cls token dropped: (N, L, D), to
 patch i, regressed by the feature head on removed patches only.
 """
 import copy
+import hashlib
 import math
+import os
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models_mae import MAEEncoder, masked_mse
+from models_arch import Arch
+from models_mae import MAEEncoder, arch_of, masked_mse
 from util.errors import UserError
 
 EMA_EVERY = ("epoch", "step")
@@ -59,6 +68,11 @@ def register_target(name: str) -> Callable[[Type["Target"]], Type["Target"]]:
         TARGETS[name] = cls
         return cls
     return register
+
+
+def self_contained() -> Tuple[str, ...]:
+    """The kinds that run on defaults alone (no file to pass): what benchmarks time by default."""
+    return tuple(name for name, kind in TARGETS.items() if not kind.requires)
 
 
 def build_target(cfg, steps_per_epoch: int = 1) -> "Target":
@@ -159,6 +173,7 @@ class Target:
     options: Tuple[str, ...] = ()       # the config fields this kind reads beyond the shared ones
     switch_epoch: Optional[int] = None  # first epoch regressing features; None: never
     refreshes_later = True              # refreshes a teacher after epoch 0 (what --stage_reset acts on)
+    requires: Tuple[str, ...] = ()      # config keys a run of this kind must set (no default works)
 
     def __init__(self, cfg, steps_per_epoch: int = 1):
         if cfg.target_norm not in TARGET_NORMS:
@@ -192,6 +207,11 @@ class Target:
                        f"{self.switch_epoch}-{self.epochs - 1}): the feature loss weight ends at "
                        f"{self.feature_weight(self.epochs - 1):.2g}, not 1")
         return tuple(out)
+
+    def feature_dim(self, arch: Arch, in_chans: int) -> int:
+        """Width of one target token (the feature head's output) for the online model `arch` on
+        `in_chans`-channel images: the encoder's own width for its copies."""
+        return arch.embed_dim
 
     # ---- schedule ---------------------------------------------------------------------------
     def uses_features(self, epoch: int) -> bool:
@@ -513,3 +533,160 @@ class StagedTarget(MAEKTarget):
             self.encoder = hard_copy(self.encoder, online)
             return True
         return False
+
+
+# ---- targets that are not copies of the online encoder ------------------------------------------
+
+HOG_BINS = 9  # orientation bins over [0, pi), as MaskFeat and Dalal & Triggs
+
+
+@torch.no_grad()
+def hog_features(imgs: torch.Tensor, patch: int, bins: int = HOG_BINS) -> torch.Tensor:
+    """MaskFeat's target: (N, C, H, W) -> (N, L, C * 4 * bins), L = (H/patch) * (W/patch).
+
+    Per colour channel: [-1, 0, 1] gradients, each pixel's magnitude split between its two
+    nearest unsigned-orientation bins, summed over cells of (patch/2)^2 pixels, each cell's
+    histogram L2-normalised. Cell layout: 2 x 2 cells per patch, so patch 16 gets MaskFeat's
+    8 x 8 cells and CIFAR's patch 4 gets 2 x 2 ones: every patch carries the same 4-cell
+    layout (where its edges lie inside the patch), and a cell never straddles two patches.
+    Computed in float32 (outside autocast): the orientations are the target.
+    """
+    n, c, h, w = imgs.shape
+    cell = patch // 2
+    with torch.autocast(imgs.device.type, enabled=False):
+        x = imgs.float().reshape(n * c, 1, h, w)
+        k = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+        gx = F.conv2d(F.pad(x, (1, 1, 0, 0), mode="replicate"), k.view(1, 1, 1, 3))
+        gy = F.conv2d(F.pad(x, (0, 0, 1, 1), mode="replicate"), k.view(1, 1, 3, 1))
+        mag = torch.hypot(gx, gy)
+        pos = torch.atan2(gy, gx).remainder(math.pi) * (bins / math.pi)  # in [0, bins]
+        low = pos.floor()
+        frac = pos - low
+        low = low.long() % bins
+        hist = torch.zeros(n * c, bins, h, w, device=x.device)
+        hist.scatter_add_(1, low, mag * (1 - frac)).scatter_add_(1, (low + 1) % bins, mag * frac)
+        hist = F.normalize(F.avg_pool2d(hist, cell), dim=1)  # (N*C, bins, H/cell, W/cell), per cell
+        gh, gw = h // patch, w // patch
+        hist = hist.reshape(n, c, bins, gh, 2, gw, 2).permute(0, 3, 5, 1, 4, 6, 2)
+        return hist.reshape(n, gh * gw, c * 4 * bins)
+
+
+@register_target("hog")
+class HOGTarget(Target):
+    """MaskFeat (Wei et al. 2022): regress, from epoch 0, the histograms of oriented gradients of
+    the removed patches (`hog_features`), computed on the fly on the device; no teacher network."""
+    switch_epoch = 0
+    refreshes_later = False
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        patch = arch_of(cfg.model).patch_size
+        if patch % 2:
+            raise UserError(f"--target hog splits each patch into 2 x 2 cells: {cfg.model}'s patch {patch} is odd")
+
+    def __init__(self, cfg, steps_per_epoch: int = 1):
+        super().__init__(cfg, steps_per_epoch)
+        self.patch = arch_of(cfg.model).patch_size
+
+    def reads(self) -> Tuple[str, ...]:
+        return ("pixel_weight", "feature_ramp", "feature_decoder")  # no encoder: no layers to pick
+
+    def feature_dim(self, arch: Arch, in_chans: int) -> int:
+        return in_chans * 4 * HOG_BINS
+
+    def teachers(self) -> Tuple[Optional[MAEEncoder], ...]:
+        return ()
+
+    def feature_target(self, imgs: torch.Tensor, encoder: Optional[MAEEncoder] = None) -> torch.Tensor:
+        return hog_features(imgs, self.patch)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _teacher_file(path: str, model: str, input_size: int):
+    """(architecture, metadata, safe_open handle) of an encoder.safetensors of export_weights.py,
+    checked against the student: the teacher's patch on `input_size` images must give the
+    student's grid. UserError (one line) otherwise."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isfile(path):
+        raise UserError(f"--teacher {path!r}: no such file (an encoder.safetensors written by export_weights.py)")
+    try:
+        f = safe_open(path, "pt")
+        meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"--teacher {path}: not a readable safetensors file ({str(e).splitlines()[0]})")
+    try:
+        arch = arch_of(meta["model"])
+    except KeyError:
+        raise UserError(f"--teacher {path}: its metadata names no architecture this project knows "
+                        f"(model {meta.get('model')!r}); export it with export_weights.py")
+    grid, student = input_size // arch.patch_size, input_size // arch_of(model).patch_size
+    if input_size % arch.patch_size or grid != student:
+        raise UserError(f"--teacher {path}: its patch {arch.patch_size} on {input_size}x{input_size} images gives "
+                        f"a {grid}x{grid} grid, {model}'s is {student}x{student}: the targets would not "
+                        f"line up with the patches")
+    return arch, meta, f
+
+
+def load_teacher(path: str, model: str, input_size: int) -> MAEEncoder:
+    """The frozen teacher encoder of `path` (see `_teacher_file`) at `input_size`: position
+    embeddings resampled when it was trained at another size (models_vit.resize_pos_embed)."""
+    from models_vit import resize_pos_embed
+    arch, meta, f = _teacher_file(path, model, input_size)
+    state = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.device("meta"):  # no init drawn: the student's init is the same as without a teacher
+        enc = MAEEncoder(img_size=input_size, in_chans=state["patch_embed.proj.weight"].shape[1],
+                         **arch.encoder_kwargs())
+    try:
+        enc.load_state_dict(resize_pos_embed(state, enc), assign=True)
+    except RuntimeError as e:
+        raise UserError(f"--teacher {path}: does not load as {meta['model']} ({str(e).splitlines()[0]})")
+    return frozen_copy(enc)
+
+
+@register_target("teacher")
+class TeacherTarget(Target):
+    """A frozen encoder from a file (--teacher PATH: an encoder.safetensors of export_weights.py,
+    any width, any size on the same patch grid), regressed from epoch 0 with the shared options
+    (target_layers, target_norm, ...): dBOT's distillation from a previous stage, MaskDistill's
+    from a stronger model. The checkpoint keeps the file's sha256, not its weights: a resume
+    refuses a file that changed."""
+    options = requires = ("teacher",)
+    switch_epoch = 0
+    refreshes_later = False
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not cfg.teacher:
+            raise UserError("--target teacher needs --teacher PATH (an encoder.safetensors written by export_weights.py)")
+        _teacher_file(cfg.teacher, cfg.model, cfg.input_size)  # its metadata only: before any work
+
+    def __init__(self, cfg, steps_per_epoch: int = 1):
+        super().__init__(cfg, steps_per_epoch)
+        self.path, self.sha256 = cfg.teacher, file_sha256(cfg.teacher)
+        self.encoder = load_teacher(cfg.teacher, cfg.model, cfg.input_size)
+
+    def feature_dim(self, arch: Arch, in_chans: int) -> int:
+        if self.encoder.patch_embed.proj.in_channels != in_chans:
+            raise UserError(f"--teacher {self.path}: trained on {self.encoder.patch_embed.proj.in_channels}-channel "
+                            f"images, this run's have {in_chans}")
+        return self.encoder.embed_dim
+
+    def refresh(self, epoch: int, online: MAEEncoder) -> bool:
+        self.encoder.to(online.cls_token.device)  # a no-op once there
+        return False
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"target": None, "teacher_sha256": self.sha256}
+
+    def load_state_dict(self, ckpt: Dict[str, Any], online: MAEEncoder) -> None:
+        saved = ckpt.get("teacher_sha256")
+        if saved and saved != self.sha256:
+            raise UserError(f"--teacher {self.path}: not the file this run was trained with (sha256 "
+                            f"{self.sha256[:12]}..., the checkpoint's {saved[:12]}...)")

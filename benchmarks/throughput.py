@@ -26,7 +26,7 @@ import main_finetune  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_vit  # noqa: E402
 from models_mae import create_model  # noqa: E402
-from target_encoder import TARGETS  # noqa: E402
+from target_encoder import self_contained  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 from dataio.augment import PRETRAIN, finetune_transform  # noqa: E402
 from config import FinetuneConfig, PretrainConfig  # noqa: E402
@@ -273,8 +273,9 @@ def parse(argv):
     p.add_argument("--bench", nargs="+", default=list(BENCHES), choices=BENCHES,
                    help="which comparisons to run (default: all); precision = fp32 eager vs bf16 eager vs "
                         "bf16+compile of the pretraining step, each target")
-    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS),
-                   help="pretrain and precision benches: these target kinds (default: every registered one)")
+    p.add_argument("--targets", nargs="+", default=list(self_contained()), choices=list(self_contained()),
+                   help="pretrain and precision benches: these target kinds (default: every registered one that "
+                        "needs no file; --target teacher costs what random does for a teacher of the same size)")
     p.add_argument("--repeats", type=int, default=1,
                    help="precision bench: timed rounds per variant, taken in turn; the best is kept")
     p.add_argument("--threads", type=int, default=0,

@@ -12,7 +12,7 @@ from target_encoder import FEATURE_HEAD, PIXEL_HEAD, build_target
 
 
 def load_pretrain(ckpt_path: str):
-    """(model, target, cfg) of a pretraining checkpoint; target.encoder is None without a target encoder."""
+    """(model, target, cfg) of a pretraining checkpoint, the model's feature head as wide as its target."""
     from config import PretrainConfig
     from models_mae import create_model
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -22,10 +22,12 @@ def load_pretrain(ckpt_path: str):
             setattr(cfg, key, value)
     proj = ckpt["model"]["encoder.patch_embed.proj.weight"]  # (D, C, p, p)
     grid = int(round((ckpt["model"]["encoder.pos_embed"].shape[1] - 1) ** 0.5))
-    model = create_model(cfg.model, img_size=grid * proj.shape[-1], in_chans=proj.shape[1])
+    target = build_target(cfg)
+    model = create_model(cfg.model, img_size=grid * proj.shape[-1], in_chans=proj.shape[1],
+                         feature_dim=ckpt["model"]["decoder_pred_feat.weight"].shape[0],  # the target's width
+                         feature_decoder=cfg.feature_decoder)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    target = build_target(cfg)
     target.load_state_dict(ckpt, model.encoder)
     return model, target, cfg
 
@@ -91,11 +93,11 @@ def reconstruction_figure(ckpt_path: str, out_path: str, n: int = 8, seed: int =
 def feature_similarity_figure(ckpt_path: str, out_path: str, n: int = 8, seed: int = 0) -> Optional[float]:
     """Per-patch cosine similarity between the target (as the run regressed it) and the feature
     head's prediction, on removed patches (visible patches grey). Returns the mean over removed
-    patches; None, and no figure, for a checkpoint without a target encoder."""
+    patches; None, and no figure, for a checkpoint without a feature target."""
     plt = pyplot()
     model, target, cfg = load_pretrain(ckpt_path)
-    if target.encoder is None:
-        return None
+    if target.switch_epoch is None or any(t is None for t in target.teachers()):
+        return None  # no feature target (yet): pixel MAE, or a bootstrapped run before its switch
     imgs, m, s = _test_images(cfg, n)
     torch.manual_seed(seed)
     with torch.no_grad():

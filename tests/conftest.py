@@ -24,6 +24,22 @@ def cifar_root(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def teacher_file(cifar_root, tmp_path_factory):
+    """An encoder.safetensors of the smoke model written by a `random` run (its frozen
+    random-init teacher): what `--target teacher` reads in tests."""
+    out = tmp_path_factory.mktemp("teacher")
+    run_main("main_pretrain", *smoke_args(cifar_root, out, "--target", "random", "--epochs", 1,
+                                          "--warmup_epochs", 0, "--precision", "fp32"))
+    return str(out / "target_encoder.safetensors")
+
+
+def kind_options(name, teacher_file):
+    """Config values a kind needs besides its name (Target.requires): the teacher's file."""
+    from target_encoder import TARGETS
+    return {"teacher": teacher_file} if "teacher" in TARGETS[name].requires else {}
+
+
 def run_main(module, *args):
     """Run a script's main() in-process; returns nothing, raises SystemExit on bad input."""
     import importlib

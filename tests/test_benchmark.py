@@ -10,7 +10,7 @@ import torch
 
 import engine_pretrain
 from conftest import ROOT
-from target_encoder import TARGETS
+from target_encoder import self_contained
 
 
 def load_benchmark(name: str = "throughput"):
@@ -30,8 +30,8 @@ def test_throughput_smoke_writes_every_row(tmp_path, capsys):
     found = {(r["bench"], r["variant"]) for r in rows}
     expected = {("data", "in_memory"), ("data", "torchvision_w0"), ("data", "torchvision_finetune_w0"),
                 ("finetune", "precomputed"), ("features", "eval_no_grad")}
-    expected |= {(f"pretrain_{t}", v) for t in TARGETS for v in ("fast", "baseline")}  # every kind, dual and random too
-    assert {"pixel", "mae_k", "ema", "dual", "random"} <= set(TARGETS)
+    expected |= {(f"pretrain_{t}", v) for t in self_contained() for v in ("fast", "baseline")}  # every kind
+    assert {"pixel", "mae_k", "ema", "dual", "random", "hog"} <= set(self_contained())
     assert expected <= found
     for r in rows:
         assert r["images_per_s"] > 0
@@ -61,8 +61,8 @@ def test_precision_comparison_times_the_engine_step_for_every_target(tmp_path, c
     assert json.loads(out.read_text()) == rows
     variants = {"fp32_eager": ("fp32", False), "bf16_eager": ("bf16", False), "bf16_compile": ("bf16", True)}
     by = {(r["bench"], r["variant"]): r for r in rows}
-    assert set(by) == {(f"precision_{t}", v) for t in TARGETS for v in variants} and len(rows) == len(by)
-    for t in TARGETS:
+    assert set(by) == {(f"precision_{t}", v) for t in self_contained() for v in variants} and len(rows) == len(by)
+    for t in self_contained():
         reference = by[f"precision_{t}", "fp32_eager"]["images_per_s"]
         for v, (dtype, compiled) in variants.items():
             r = by[f"precision_{t}", v]

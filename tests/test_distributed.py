@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, SMOKE
@@ -67,6 +68,18 @@ def test_two_process_ddp_matches_one_process_in_bf16(cifar_root, tmp_path):
     assert diffs.mean() < 1e-4, diffs.mean()  # 25x the measured 4.1e-6, 25x below another run's 2.5e-3
     for one, two in zip(log_one, log_two, strict=True):
         assert abs(one["loss"] - two["loss"]) <= 1e-3 * abs(one["loss"]), (one["loss"], two["loss"])
+
+
+@pytest.mark.parametrize("kind,port", [("hog", "29621"), ("teacher", "29622")])
+def test_two_process_ddp_matches_one_process_for_targets_without_a_copy(kind, port, cifar_root, tmp_path,
+                                                                        teacher_file):
+    """HOG (computed per rank on its shard) and a teacher from a file (read by every rank)."""
+    extra = ("--target", kind, "--precision", "fp32", *(("--teacher", teacher_file) if kind == "teacher" else ()))
+    (a, b), (log_one, log_two) = two_and_one_process(cifar_root, tmp_path, port, *extra)
+    assert a["step"] == b["step"] and a["config"]["target"] == b["config"]["target"] == kind
+    for name, t in a["model"].items():
+        assert torch.allclose(t, b["model"][name], atol=2e-3), name
+    assert [r["regress"] for r in log_two] == ["feature", "feature"]
 
 
 def test_two_process_finetune_and_probe(cifar_root, tmp_path):

@@ -11,7 +11,7 @@ import yaml
 import main_pretrain
 import util.runtime
 import util.trainer
-from conftest import run_main, smoke_args
+from conftest import kind_options, run_main, smoke_args
 from test_faults import stop_during_step
 from config import PretrainConfig
 from engine_finetune import Classification
@@ -36,10 +36,11 @@ def steps(engine, epoch: int, n: int):
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
-def test_bf16_pretraining_step_learns_for_every_target(name, tmp_path):
+def test_bf16_pretraining_step_learns_for_every_target(name, tmp_path, teacher_file):
     torch.manual_seed(0)
     cfg = PretrainConfig(model="mae_vit_smoke_patch4", target=name, batch_size=16, epochs=10, warmup_epochs=0,
-                         wse=0, k=1, blr=0.05, precision="bf16", output_dir=str(tmp_path))
+                         wse=0, k=1, blr=0.05, precision="bf16", output_dir=str(tmp_path),
+                         **kind_options(name, teacher_file))
     cfg.resolve()
     images = np.zeros((16, 32, 32, 3), np.uint8)
     engine = main_pretrain.build_engine(cfg, CPU, (images, np.zeros(16, np.int64), 10), (0.5,) * 3, (0.25,) * 3, 1)

@@ -9,7 +9,7 @@ import torch
 
 import target_encoder
 from config import PretrainConfig
-from conftest import ROOT, run_main, smoke_args
+from conftest import ROOT, kind_options, run_main, smoke_args
 from models_mae import create_model
 from target_encoder import TARGETS, EMATarget, Target, build_target, register_target
 from util.errors import UserError
@@ -39,11 +39,11 @@ def negated_ema():
     del TARGETS["ema_negated"]
 
 
-def test_registry_holds_every_kind():
+def test_registry_holds_every_kind(teacher_file):
     assert set(KINDS) <= set(TARGETS)
     for name, cls in TARGETS.items():
         assert issubclass(cls, Target) and cls.kind == name
-        t = build_target(PretrainConfig(target=name))
+        t = build_target(PretrainConfig(target=name, model="mae_vit_smoke_patch4", **kind_options(name, teacher_file)))
         assert type(t) is cls and t.describe(t.switch_epoch or 0)["target"] == name
     with pytest.raises(ValueError, match="already registered"):
         register_target("ema")(EMATarget)
