@@ -124,9 +124,10 @@ class MAEEncoder(nn.Module):
         return self.forward_features(imgs)
 
 
-# Initialisations of the feature head (--feature_head_init): xavier like every other Linear
-# (official MAE), or nn.Linear's default.
-HEAD_INITS = ("xavier", "torch")
+# Initialisations of the feature head (--feature_head_init): nn.Linear's default (the report's code:
+# a fresh torch.nn.Linear made at the switch), or xavier like every other Linear (official MAE).
+HEAD_INITS = ("torch", "xavier")
+REPORT_HEAD_INIT = HEAD_INITS[0]
 
 
 # --feature_decoder: the feature head on the pixel head's decoder, or on a decoder of its own.
@@ -177,7 +178,7 @@ class MaskedAutoencoderViT(nn.Module):
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4.0, norm_layer: Callable[..., nn.Module] = LayerNorm,
-                 feature_head_init: str = "xavier", feature_decoder: str = "shared",
+                 feature_head_init: str = REPORT_HEAD_INIT, feature_decoder: str = "shared",
                  feature_dim: Optional[int] = None):
         super().__init__()
         if feature_decoder not in FEATURE_DECODERS:
@@ -210,7 +211,7 @@ class MaskedAutoencoderViT(nn.Module):
         assert num_patches == grid * grid
         self.initialize_weights(feature_head_init)
 
-    def initialize_weights(self, feature_head_init: str = "xavier") -> None:
+    def initialize_weights(self, feature_head_init: str = REPORT_HEAD_INIT) -> None:
         # The patch projection is a linear map on flattened patches: init it like one.
         w = self.encoder.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))

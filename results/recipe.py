@@ -34,6 +34,10 @@ STUDY_RECIPE = {
     "finetune": {"model": "vit_smoke_patch4", "epochs": 10, "warmup_epochs": 1, "batch_size": 128,
                  "blr": 5.0e-3, "weight_decay": 0.05, "num_workers": 0, "print_freq": 1000, "save_freq": 1000},
 }
+# Defaults the study's rows were measured with that are no longer the code's defaults: passed unless
+# the row's YAML sets the key itself, so every measured row reruns as it ran (docs/RESULTS.md).
+# feature_head_init: official MAE's xavier, the default until the report's `torch` became it (issue 27).
+STUDY_PINNED = {"feature_head_init": "xavier"}
 STUDY_SMOKE = {"pretrain": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32},
                "linprobe": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32},
                "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 32}}
@@ -70,6 +74,7 @@ def study_args(row, stage: str, seed: int, args, budget: Optional[int] = None) -
     cmd: List[str] = []
     if stage == "pretrain":
         cmd += ["--config", row.config]
+        vals.update({k: v for k, v in STUDY_PINNED.items() if k not in row.pretrain})
         if budget:
             vals.update(scale_to_budget(row.pretrain, budget, STUDY_RECIPE["pretrain"]))
         elif args.pretrain_epochs:

@@ -79,9 +79,9 @@ def test_bilinear_uint8_crop_rounds_to_uint8_values():
 
 def test_feature_head_init_option():
     torch.manual_seed(0)
-    xavier = create_model("mae_vit_smoke_patch4")
+    xavier = create_model("mae_vit_smoke_patch4", feature_head_init="xavier")
     torch.manual_seed(0)
-    plain = create_model("mae_vit_smoke_patch4", feature_head_init="torch")
+    plain = create_model("mae_vit_smoke_patch4")  # the default: the report's nn.Linear init
     assert torch.count_nonzero(xavier.decoder_pred_feat.bias) == 0
     assert torch.count_nonzero(plain.decoder_pred_feat.bias) > 0  # nn.Linear's uniform bias
     fan_in = plain.decoder_pred_feat.in_features
