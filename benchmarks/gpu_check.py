@@ -4,8 +4,10 @@
     python benchmarks/gpu_check.py --device cpu      # smoke scale, seconds (tests/test_gpu_check.py)
 
 (a) Throughput of one pretraining step (forward, target pass, loss, backward, AdamW step, EMA
-    update) for every registered target, with the in-memory loader, at the report's config
-    (mae_vit_tiny_patch4, batch 512) in the precision `auto` picks and torch.compile'd:
+    update) for every registered target that needs no file (target_encoder.self_contained:
+    --target teacher costs what random does for a teacher of its size), with the in-memory
+    loader, at the report's config (mae_vit_tiny_patch4, batch 512) in the precision `auto`
+    picks and torch.compile'd:
     seconds per 50,000-image epoch and MFU = FLOPs per step (counted by
     torch.utils.flop_counter on an eager step) / step time / the GPU's dense bf16 peak.
 (b) A short real training on generated CIFAR-format data: pixel and ema (the switch epoch
@@ -13,7 +15,6 @@
     checkpoint. Fails (exit 1) if a loss is not finite, a checkpoint is missing or no resume.
 """
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -34,9 +35,10 @@ from dataio.augment import PRETRAIN  # noqa: E402
 from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dataio.fake import make_images, write_fake_cifar10  # noqa: E402
 from dataio.loader import build_train_loader  # noqa: E402
-from target_encoder import TARGETS, EMATarget, PixelTarget  # noqa: E402
+from target_encoder import EMATarget, PixelTarget, self_contained  # noqa: E402
 from util.flops import count_step_flops  # noqa: E402
 from util.nonfinite import NonFiniteGuard  # noqa: E402
+from util.runfiles import BadRunFile, read_log  # noqa: E402
 from util.runtime import resolve_device, resolve_precision  # noqa: E402
 from util.trainer import Step  # noqa: E402
 
@@ -101,7 +103,7 @@ def throughput(scale: dict, device: torch.device, peak: float, out: str) -> List
     images, labels = make_images(n, np.random.default_rng(0))
     labels = labels.astype(np.int64)
     rows = []
-    for name in TARGETS:
+    for name in self_contained():
         r = {"target": name, **bench_target(name, scale, device, images, labels, out)}
         r["mfu"] = r["flops_per_step"] / r["s_per_step"] / peak if peak else float("nan")
         rows.append(r)
@@ -113,11 +115,6 @@ def throughput(scale: dict, device: torch.device, peak: float, out: str) -> List
 def run_script(args: List[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join(ROOT, "main_pretrain.py"), *args], cwd=ROOT,
                           capture_output=True, text=True)
-
-
-def read_log(out: str) -> List[dict]:
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
 
 
 def training(scale: dict, device: torch.device, out: str, compile_: bool) -> List[str]:
@@ -133,13 +130,18 @@ def training(scale: dict, device: torch.device, out: str, compile_: bool) -> Lis
         t0 = time.time()
         first = run_script([*common, "--epochs", str(scale["epochs"])])
         again = run_script([*common, "--epochs", str(scale["epochs"] + 1)])
-        log = read_log(run_dir) if os.path.isfile(os.path.join(run_dir, "log.txt")) else []
+        try:
+            log, log_error = read_log(os.path.join(run_dir, "log.txt")), ""
+        except BadRunFile as e:
+            log, log_error = [], str(e)
         ok = {
             "exit 0": first.returncode == 0 and again.returncode == 0,
+            f"log.txt: {log_error}": not log_error,
             "finite loss": bool(log) and all(math.isfinite(r["loss"]) for r in log),
             "resumed": "resumed from" in again.stdout and [r["epoch"] for r in log] == list(range(scale["epochs"] + 1)),
             "checkpoint": os.path.isfile(os.path.join(run_dir, f"checkpoint-{scale['epochs'] + 1}.pth")),
-            "switch": name == PixelTarget.kind or [r["regress"] for r in log][scale["switch"]] == "feature",
+            "switch": name == PixelTarget.kind or (len(log) > scale["switch"]
+                                                   and log[scale["switch"]]["regress"] == "feature"),
         }
         bad = [k for k, v in ok.items() if not v]
         losses = " ".join(f"{r['loss']:.3f}" for r in log)

@@ -1,4 +1,4 @@
-"""Figures and results.md from reproduce.py's run directories (the work is in util/figures.py).
+"""Figures and results.md from reproduce.py's run directories (the work is in results/figures.py).
 
     python report_figures/make_figures.py --runs output/report [--out report_figures] [--no_models]
 """

@@ -8,14 +8,16 @@ prints a markdown table: per row, probe best acc@1, kNN acc, the last pretrainin
 and the pretraining seconds under A and B, and B - A paired over the seeds both have (the seed
 fixes init, data order and masks, so the pairs differ only by the changed setting). Under the
 table, the pretraining config.yaml keys on which A and B differ: a comparison that changed more
-than it meant to shows it.
+than it meant to shows it. A seed with a malformed run file is left out of both columns, said in one
+line on stderr (util/runfiles.py).
 """
 import os
 from typing import Dict, List, Optional
 
-from results.runs import mean_std, read_yaml_file
+from results.runs import mean_std
 from results.study import COST, LOSS, cell, collect_study
 from util.errors import ArgumentParser, UserError, cli
+from util.runfiles import read_yaml
 
 METRICS = {"best_acc1": "probe best acc@1", "knn_acc": "kNN acc", LOSS: "last pretrain loss", COST: "pretrain s"}
 DIGITS = {LOSS: 4}  # losses differ in the third decimal; accuracies and seconds print 2
@@ -42,15 +44,15 @@ def compare_roots(root_a: str, root_b: str, names: List[str], subdir: str = "") 
     return out
 
 
-def config_differences(root_a: str, root_b: str, names: List[str], subdir: str = "") -> Dict[str, tuple]:
+def config_differences(root_a: str, root_b: str, seeds: Dict[str, List[int]], subdir: str = "") -> Dict[str, tuple]:
     """{key: (value in A, value in B)} of the pretraining config.yaml keys that differ between the
-    two roots for some row and seed (output paths excepted)."""
+    two roots for some row and seed of `seeds` ({row: seeds}: compare_roots' pairs, whose files
+    collect_study read and found well-formed), output paths excepted."""
     diff: Dict[str, tuple] = {}
-    for name in names:
-        da = os.path.join(root_a, name, subdir)
-        for sd in sorted(os.listdir(da)) if os.path.isdir(da) else []:
-            ca = read_yaml_file(os.path.join(da, sd, "pretrain", "config.yaml"))
-            cb = read_yaml_file(os.path.join(root_b, name, subdir, sd, "pretrain", "config.yaml"))
+    for name, row_seeds in seeds.items():
+        for seed in row_seeds:
+            ca, cb = (read_yaml(os.path.join(root, name, subdir, f"seed{seed}", "pretrain", "config.yaml"))
+                      for root in (root_a, root_b))
             if ca is None or cb is None:
                 continue
             for k in sorted(set(ca) | set(cb)):
@@ -94,7 +96,8 @@ def main(argv=None) -> None:
     stats = compare_roots(a.root_a, a.root_b, a.rows, a.subdir)
     if not any(st["seeds"] for st in stats.values()):
         raise UserError(f"no seed of {', '.join(a.rows)} has a finished probe in both roots")
-    print(compare_table(stats, labels, config_differences(a.root_a, a.root_b, a.rows, a.subdir)), end="")
+    diffs = config_differences(a.root_a, a.root_b, {n: st["seeds"] for n, st in stats.items()}, a.subdir)
+    print(compare_table(stats, labels, diffs), end="")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python -m results.figures --runs output/report                     (the same)
 
 Reads RUNS/NAME/seedS/{pretrain,finetune,linprobe}/ (log.txt, results.json, config.yaml) as
-written by reproduce.py (results/runs.py) and writes into OUT:
+written by reproduce.py (results/runs.py; a seed with a malformed file is left out, said in one
+line on stderr: util/runfiles.py) and writes into OUT:
     finetune_curves.png   fine-tune test acc@1 per epoch, best row of each family
     linprobe_curves.png   linear-probe test acc@1 per epoch, best row of each family
     sweep_k.png           best acc@1 vs K (MAE-K), fine-tune and probe
@@ -53,11 +54,15 @@ def model_figures(rows, out_dir: str) -> List[str]:
 
 
 def make_all(runs_root: str, out_dir: str, models: bool = True) -> List[str]:
-    """Write every figure and the results table; returns the paths written."""
+    """Write every figure and the results table; returns the paths written. No run to read is a
+    UserError."""
+    rows = collect(runs_root, "report")
+    if not rows:
+        raise UserError(f"no runs in {runs_root} (RUNS/NAME/seedS/{{pretrain,finetune,linprobe}}/, as "
+                        f"reproduce.py writes them)")
     os.makedirs(out_dir, exist_ok=True)
     plan = load_plan("report")
     numbers, baseline = plan.get("report_numbers") or {}, plan.get("baseline")
-    rows = collect(runs_root, "report")
     p = lambda f: os.path.join(out_dir, f)  # noqa: E731
     plot_curves(rows, "finetune", p("finetune_curves.png"))
     plot_curves(rows, "linprobe", p("linprobe_curves.png"))

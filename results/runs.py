@@ -1,64 +1,35 @@
 """Reading reproduce.py's run directories: RUNS/NAME/seedS/{pretrain,finetune,linprobe}/
-(log.txt, results.json, config.yaml, commands.json) into plain dicts, and their statistics."""
+(log.txt, results.json, config.yaml, commands.json) into plain dicts, and their statistics. The
+files are read by util/runfiles.py: a seed with a malformed one is left out, said on stderr."""
 import glob
-import json
 import math
 import os
-from typing import Dict, List, Optional
-
-import yaml
+from typing import Dict, List, Optional, Tuple
 
 from results.plans import plan_rows, row_config, row_family
+from util.runfiles import BadRunFile, read_json, read_run, skip_seed
 
 STAGES = ("pretrain", "finetune", "linprobe")
 
 
-def read_log(path: str) -> List[dict]:
-    """The JSON lines of a log.txt ([] when absent; unreadable lines skipped)."""
-    out = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        pass
-    return out
+def seed_dirs(row_dir: str) -> List[Tuple[int, str]]:
+    """[(S, ROW_DIR/seedS)] in seed order; other folders (seed0_old, ...) are not seeds."""
+    found = os.listdir(row_dir) if os.path.isdir(row_dir) else []
+    return sorted((int(f[4:]), os.path.join(row_dir, f)) for f in found
+                  if f.startswith("seed") and f[4:].isdigit() and os.path.isdir(os.path.join(row_dir, f)))
 
 
-def read_json(path: str) -> Optional[dict]:
+def read_seed(row: str, seed: int, seed_dir: str) -> Optional[Dict[str, dict]]:
+    """{stage: util.runfiles.read_run(...)} for the stages present in one seed's directory, and
+    "commands" (commands.json, or None); None, said on stderr, when one of its files is malformed
+    (util/runfiles.py's rule for readers of finished runs)."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        stages = {st: read_run(os.path.join(seed_dir, st)) for st in STAGES
+                  if os.path.isdir(os.path.join(seed_dir, st))}
+        return {**stages, "commands": read_json(os.path.join(seed_dir, "commands.json"))}
+    except BadRunFile as e:
+        skip_seed(row, seed, e)
         return None
-
-
-def read_yaml_file(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def _seed_of(path: str) -> int:
-    tail = os.path.basename(path)[len("seed"):]
-    return int(tail) if tail.isdigit() else 0
-
-
-def _read_seed(seed_dir: str) -> Dict[str, dict]:
-    """{stage: {"dir", "log", "results", "config"}} for the stages present in one seed's directory."""
-    stages = {}
-    for st in STAGES:
-        d = os.path.join(seed_dir, st)
-        if os.path.isdir(d):
-            stages[st] = {"dir": d, "log": read_log(os.path.join(d, "log.txt")),
-                          "results": read_json(os.path.join(d, "results.json")),
-                          "config": read_yaml_file(os.path.join(d, "config.yaml")) or {}}
-    return stages
 
 
 def _read_row(row_dir: str, plan: str) -> Optional[dict]:
@@ -67,12 +38,15 @@ def _read_row(row_dir: str, plan: str) -> Optional[dict]:
     are capped, the results table shows what actually ran)."""
     name = os.path.basename(row_dir)
     row = {"name": name, "seeds": {}, "commands": None}
-    for sd in sorted(glob.glob(os.path.join(row_dir, "seed*")), key=_seed_of):
-        stages = _read_seed(sd)
-        if stages:
-            row["seeds"][_seed_of(sd)] = stages
+    for seed, sd in seed_dirs(row_dir):
+        files = read_seed(name, seed, sd)
+        if files is None:
+            continue
+        commands = files.pop("commands")
+        if files:
+            row["seeds"][seed] = files
         if row["commands"] is None:
-            row["commands"] = read_json(os.path.join(sd, "commands.json"))
+            row["commands"] = commands
     if not row["seeds"]:
         return None
     raw = row_config(plan, name)

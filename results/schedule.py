@@ -20,8 +20,9 @@ import math
 import os
 from typing import Dict, List, Optional
 
-from results.runs import mean_std, read_log, read_yaml_file
+from results.runs import mean_std
 from results.study import COST, DELTAS, FLOPS, cell, collect_study, finetune_columns, references
+from util.runfiles import read_log, read_yaml
 
 # Options counted in epochs: scaled linearly with the budget. A new epoch-counted option of a row
 # (e.g. a stage length) must be added here, or it keeps its 8-epoch value at every budget.
@@ -127,12 +128,13 @@ def _equal_cost(row: dict, at_budget: Dict[int, dict], ref: str, budget: int, co
 
 
 def _add_flops(stats: Dict[str, dict], runs_root: str, budget: int) -> None:
-    """Each run's pretraining FLOPs (results.flops) into collect_study's stats of one budget."""
+    """Each run's pretraining FLOPs (results.flops) into collect_study's stats of one budget (its
+    seeds' files were read, and found well-formed, by collect_study)."""
     from results.flops import pretrain_flops  # here: it builds models (torch); a dry run needs none
     for name, row in stats.items():
         for seed, vals in row["seeds"].items():
             d = os.path.join(runs_root, name, budget_dir(budget), f"seed{seed}", "pretrain")
-            config, log = read_yaml_file(os.path.join(d, "config.yaml")), read_log(os.path.join(d, "log.txt"))
+            config, log = read_yaml(os.path.join(d, "config.yaml")), read_log(os.path.join(d, "log.txt"))
             flops = pretrain_flops(config, log) if config and log else None
             if flops is not None:
                 vals[FLOPS] = flops

@@ -13,7 +13,7 @@ import os
 from typing import Dict, List, Optional
 
 from results.plans import SCRATCH, load_plan
-from results.runs import mean_std, read_json, read_log
+from results.runs import mean_std, read_seed, seed_dirs
 
 METRICS = ("best_acc1", "last_acc1", "knn_acc")
 DELTAS = ("best_acc1", "knn_acc")
@@ -46,23 +46,22 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
                   subdir: str = "") -> Dict[str, dict]:
     """{row: {"seeds": {seed: {metric: value}}, metric: (mean, std, n) | None, ...}} for finished probes,
     with d_REF_METRIC: the paired differences to each row of `refs` (default: references()).
-    Runs are read from RUNS/NAME/SUBDIR/seedS (subdir: e.g. the schedule plan's "budget32")."""
+    Runs are read from RUNS/NAME/SUBDIR/seedS (subdir: e.g. the schedule plan's "budget32"); a seed
+    with a malformed file is left out, said on stderr (util/runfiles.py)."""
     refs = references() if refs is None else refs
     out: Dict[str, dict] = {}
     for name in names:
-        d = os.path.join(runs_root, name, subdir)
         per_seed: Dict[int, dict] = {}
-        for sd in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-            if not (sd.startswith("seed") and sd[4:].isdigit()):
-                continue
-            res = read_json(os.path.join(d, sd, "linprobe", "results.json"))
+        for seed, sd in seed_dirs(os.path.join(runs_root, name, subdir)):
+            files = read_seed(name, seed, sd) or {}
+            res = files.get("linprobe", {}).get("results")
             if res is None:
                 continue
             vals = {k: float(res[k]) for k in METRICS if res.get(k) is not None}
-            ft = read_json(os.path.join(d, sd, "finetune", "results.json"))
+            ft = files.get("finetune", {}).get("results")
             if ft and ft.get("last_acc1") is not None:
                 vals[FINETUNE] = float(ft["last_acc1"])
-            log = read_log(os.path.join(d, sd, "pretrain", "log.txt"))
+            log = files.get("pretrain", {}).get("log")
             if log:  # last pretraining epoch: how spread out targets and predictions still are
                 vals.update({k: float(log[-1][k]) for k in HEALTH if k in log[-1]})
                 if "loss" in log[-1]:
@@ -70,7 +69,7 @@ def collect_study(runs_root: str, names: List[str], refs: Optional[List[str]] = 
                 seconds = pretrain_seconds(log)
                 if seconds is not None:
                     vals[COST] = seconds
-            per_seed[int(sd[4:])] = vals
+            per_seed[seed] = vals
         row: Dict[str, object] = {"seeds": per_seed}
         for k in METRICS + HEALTH + (LOSS, COST, FINETUNE):
             row[k] = mean_std([v.get(k) for v in per_seed.values()])

@@ -45,7 +45,7 @@ def test_differences_are_paired_over_the_common_seeds(roots):
 
 def test_table_names_the_labels_and_the_changed_config(roots):
     a, b = roots
-    diffs = config_differences(str(a), str(b), ["pixel"])
+    diffs = config_differences(str(a), str(b), {"pixel": [0, 1]})
     assert diffs == {"precision": ("fp32", "bf16")}  # output_dir differs too, but is a path
     lines = compare_table(compare_roots(str(a), str(b), ["pixel"]), ("fp32", "bf16"), diffs).splitlines()
     assert "Δ probe best acc@1 (bf16 − fp32)" in lines[0]

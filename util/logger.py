@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Optional
 
 from util.checkpoint import atomic_write
 from util.errors import UserError
+from util.runfiles import parse_log, read_log, read_text
 
 
 class RunLogger:
@@ -41,36 +42,26 @@ class RunLogger:
         self.tb.flush()
 
     def records(self) -> List[Dict[str, Any]]:
-        """The log's lines; a torn last line (a kill while appending) is dropped."""
-        if not os.path.isfile(self.path):
-            return []
-        with open(self.path) as f:
-            return _parse(f.readlines())
+        """The log's records; a cut-off last line (a kill while appending) is dropped, any other
+        malformed line is a one-line error (util/runfiles.py)."""
+        return read_log(self.path, drop_cut_tail=True)
 
     def last_epoch(self) -> int:
         records = self.records()
         return records[-1]["epoch"] if records else -1
 
     def rewind(self, epoch: int) -> None:
-        """Keep only the lines of epochs before `epoch`: the log then matches the checkpoint."""
-        if not self.enabled or not os.path.isfile(self.path):
+        """Keep only the lines of epochs before `epoch`: the log then matches the checkpoint (and a
+        cut-off last line is gone)."""
+        text = read_text(self.path) if self.enabled else None
+        if text is None:
             return
-        with open(self.path) as f:
-            lines = f.readlines()
-        kept = [json.dumps(r) + "\n" for r in _parse(lines) if r.get("epoch", -1) < epoch]
-        if kept != lines:
-            atomic_write(self.path, "".join(kept).encode())
+        kept = "".join(json.dumps(r) + "\n" for r in parse_log(text, self.path, drop_cut_tail=True)
+                       if r["epoch"] < epoch)
+        if kept != text:
+            atomic_write(self.path, kept.encode())
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
-
-def _parse(lines: List[str]) -> List[Dict[str, Any]]:
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            break
-    return out
