@@ -15,8 +15,13 @@ of main_pretrain.py, main_finetune.py and main_linprobe.py, writing
 
 A stage whose run is complete (pretrain: log.txt reached the configured epochs; fine-tune /
 probe: results.json with the configured epochs) is skipped; any other stage is simply rerun
-with the same command, and the scripts resume from their checkpoint-last.pth. At the end the
-figures and results.md are written (results/figures.py) into report_figures/ (or --figures_dir).
+with the same command, and the scripts resume from their checkpoint-last.pth. A run file that is
+malformed (util/runfiles.py) fails that row and seed in one line. At the end the figures and
+results.md are written (results/figures.py) into report_figures/ (or --figures_dir).
+
+SIGTERM / SIGINT (kill, Ctrl-C, or the whole process group: scancel, `timeout`, systemd) are
+passed on to the running stage, which saves its checkpoint and exits; reproduce.py then exits
+128 + the signal's number without starting another stage. Rerun the same command to continue.
 
     python reproduce.py --plan study --seeds 3               # the improvement study (docs/RESULTS.md)
 
@@ -38,6 +43,7 @@ output root then output/PLAN-MODEL).
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +55,8 @@ from results.recipe import (STUDY_DATA, STUDY_RECIPE, STUDY_SMOKE, STUDY_STAGES,
                             run_dir, study_args)
 from results.recipe import flags as _flags
 from util.errors import ArgumentParser, UserError, cli
+from util.runfiles import BadRunFile, read_json, read_log
+from util.signals import STOP_SIGNALS
 
 SMOKE = os.path.join("configs", "smoke.yaml")
 FULL_EVAL = {"finetune": os.path.join("configs", "finetune.yaml"),
@@ -134,35 +142,75 @@ def configured_epochs(stage: str, argv: List[str]) -> int:
         os.chdir(cwd)
 
 
-def _last_epoch(log_path: str) -> int:
-    """Epochs recorded in log.txt (last record's epoch + 1), 0 when absent."""
-    if not os.path.isfile(log_path):
-        return 0
-    last = -1
-    with open(log_path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    last = int(json.loads(line)["epoch"])
-                except (ValueError, KeyError):
-                    continue
-    return last + 1
-
-
 def stage_done(stage: str, out_dir: str, epochs: int) -> bool:
+    """Pretrain: checkpoint-last.pth and log.txt's last epoch at `epochs`; fine-tune / probe:
+    results.json of `epochs` epochs. A cut-off last log line (a killed run) counts as not written:
+    the stage's rerun repairs it; any other malformed file is a BadRunFile (util/runfiles.py)."""
     out_dir = os.path.join(ROOT, out_dir)
     if stage == "pretrain":
-        return (os.path.isfile(os.path.join(out_dir, "checkpoint-last.pth"))
-                and _last_epoch(os.path.join(out_dir, "log.txt")) >= epochs)
-    res = os.path.join(out_dir, "results.json")
-    if not os.path.isfile(res):
-        return False
-    try:
-        with open(res) as f:
-            return json.load(f).get("epochs") == epochs
-    except (OSError, ValueError):
-        return False
+        log = read_log(os.path.join(out_dir, "log.txt"), drop_cut_tail=True)
+        last = os.path.join(out_dir, "checkpoint-last.pth")
+        return bool(log) and log[-1]["epoch"] + 1 >= epochs and os.path.isfile(last)
+    res = read_json(os.path.join(out_dir, "results.json"))
+    return res is not None and res.get("epochs") == epochs
+
+
+class Stopped(Exception):
+    """reproduce.py was asked to stop (SIGTERM / SIGINT); no stage starts after."""
+
+
+class StageSignals:
+    """SIGTERM / SIGINT while reproduce.py runs: passed on to the running stage, which finishes its
+    step, saves its checkpoint and exits 128 + N (util/signals.py); no stage starts after, and
+    reproduce.py exits 128 + N itself.
+
+    The stage runs in its own process group, so that a signal sent to reproduce.py's whole group
+    (Slurm's scancel, `timeout`, systemd, Ctrl-C) reaches it once, from here: a second one would
+    kill it before it saves (util/signals.StopRequest)."""
+
+    def __init__(self):
+        self.signum, self.proc, self._old = 0, None, {}
+
+    def __enter__(self) -> "StageSignals":
+        self.signum = 0
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        if self.proc is not None:
+            self.proc.send_signal(signum)  # a no-op once it has exited
+
+    def check(self, where: str) -> None:
+        """Raise Stopped (saying `where`) if a signal came: called before a stage starts and after
+        one ends."""
+        if self.signum:
+            raise Stopped(f"{signal.Signals(self.signum).name}: stopped {where}")
+
+    def popen(self, argv: List[str], **kwargs) -> subprocess.Popen:
+        """Start a stage in its own process group. The stop signals are held meanwhile, so one that
+        comes while it starts is passed on once `proc` is set; the stage itself starts with them
+        unblocked."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.proc = subprocess.Popen(argv, process_group=0,
+                                         preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, held),
+                                         **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return self.proc
+
+
+STAGE = StageSignals()
 
 
 def run_stage(cmd: List[str], log_file: str, quiet: bool) -> int:
@@ -171,18 +219,21 @@ def run_stage(cmd: List[str], log_file: str, quiet: bool) -> int:
     with open(log_file, "ab") as log:
         log.write(f"\n$ {shlex.join([sys.executable] + cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode())
-        proc = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        while True:
-            chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-            if not chunk:
-                break
-            log.write(chunk)
-            if not quiet:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-        return proc.wait()
+        proc = STAGE.popen([sys.executable] + cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            while True:
+                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+                if not chunk:
+                    break
+                log.write(chunk)
+                if not quiet:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+            return proc.wait()
+        finally:
+            STAGE.proc = None
 
 
 def build_parser() -> ArgumentParser:
@@ -269,18 +320,23 @@ def run_row(row: Row, seed: int, args, budget: Optional[int] = None) -> Optional
         json.dump({"reproduce": shlex.join(again),
                    "cwd": ROOT, **{s: shlex.join(["python"] + c) for s, c in cmds.items()}}, f, indent=2)
     for stage, cmd in cmds.items():
-        out_dir = os.path.join(rdir, stage)
+        out_dir, out_file = os.path.join(rdir, stage), os.path.join(rdir, f"{stage}.out")
         epochs = configured_epochs(stage, cmd[1:])
-        if stage_done(stage, out_dir, epochs):
-            print(f"[reproduce] {label} {stage}: done ({epochs} epochs), skipped")
-            continue
-        print(f"[reproduce] {label} {stage}: {shlex.join(['python'] + cmd)}", flush=True)
-        t0 = time.time()
-        rc = run_stage(cmd, os.path.join(ROOT, rdir, f"{stage}.out"), args.quiet)
-        if rc != 0 or not stage_done(stage, out_dir, epochs):
-            failure = f"{label} {stage} (exit {rc}; see {rdir}/{stage}.out)"
-            print(f"[reproduce] FAILED: {failure}", flush=True)
-            return failure  # later stages of this row/seed need this one
+        try:
+            if stage_done(stage, out_dir, epochs):
+                print(f"[reproduce] {label} {stage}: done ({epochs} epochs), skipped")
+                continue
+            STAGE.check(f"before {label} {stage}")
+            print(f"[reproduce] {label} {stage}: {shlex.join(['python'] + cmd)}", flush=True)
+            t0 = time.time()
+            rc = run_stage(cmd, os.path.join(ROOT, out_file), args.quiet)
+            STAGE.check(f"{label} {stage} (exit {rc}; see {out_file})")
+            failure = None if rc == 0 and stage_done(stage, out_dir, epochs) else f"exit {rc}; see {out_file}"
+        except BadRunFile as e:
+            failure = str(e)
+        if failure:
+            print(f"[reproduce] FAILED: {label} {stage} ({failure})", flush=True)
+            return f"{label} {stage} ({failure})"  # later stages of this row/seed need this one
         print(f"[reproduce] {label} {stage}: finished in {time.time() - t0:.0f}s")
     return None
 
@@ -304,6 +360,17 @@ def write_outputs(args, names: List[str]) -> None:
         print(f"[reproduce] wrote {len(written)} files to {fig_dir}")
 
 
+def _jobs(args, rows: List[Row]) -> List[Tuple[Row, int, Optional[int]]]:
+    """(row, seed, budget) in run order."""
+    # with budgets: the shortest budget first, every row and seed of it, so that an interrupted plan
+    # leaves complete paired comparisons behind. A row without pretraining (scratch) does not depend
+    # on the budget: it runs once, at the longest.
+    if args.budgets:
+        return [(row, seed, b) for b in args.budgets for seed in range(args.seeds) for row in rows
+                if not row.scratch or b == args.budgets[-1]]
+    return [(row, seed, None) for row in rows for seed in range(args.seeds)]
+
+
 @cli
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
@@ -315,20 +382,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.data_path:
         args.data_path = _path_arg(args.data_path)
     rows = [Row(n, args.plan) for n in names]
-    failures: List[str] = []
-    # with budgets: the shortest budget first, every row and seed of it, so that an interrupted plan
-    # leaves complete paired comparisons behind. A row without pretraining (scratch) does not depend
-    # on the budget: it runs once, at the longest.
-    jobs = ([(row, seed, b) for b in args.budgets for seed in range(args.seeds) for row in rows
-             if not row.scratch or b == args.budgets[-1]]
-            if args.budgets else [(row, seed, None) for row in rows for seed in range(args.seeds)])
-    for row, seed, budget in jobs:
-        failure = run_row(row, seed, args, budget)
-        if failure:
-            failures.append(failure)
-    if args.dry_run:
-        return 0
-    write_outputs(args, names)
+    try:
+        with STAGE:
+            failures = [f for f in (run_row(row, seed, args, b) for row, seed, b in _jobs(args, rows)) if f]
+            if args.dry_run:
+                return 0
+            write_outputs(args, names)
+            STAGE.check("after the last stage")
+    except Stopped as e:
+        print(f"[reproduce] {e}; rerun the same command to continue", flush=True)
+        return 128 + STAGE.signum
     if failures:
         print("[reproduce] failed stages:\n  " + "\n  ".join(failures))
         return 1

@@ -2,20 +2,27 @@
 ones, and every full-scale --dry_run command accepted by its script's own parser.
 
 To stay fast on a CPU, most stages run in-process (reproduce.run_stage patched to call the
-script's main()); one test runs a real subprocess.
+script's main()); the tests of a stage's resume and of stop signals run real processes.
 """
 import contextlib
 import io
 import json
 import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 import reproduce
 from conftest import ROOT, run_main, run_stage_in_process
 from config import SECTIONS, parse_config
+from dataio.fake import write_fake_fashion_mnist
 from results.figures import FIGURES
+from util.runfiles import read_log
 
 ROWS = ["scratch", "pixel", "ema_wse5"]
 SCRIPT_STAGE = {v: k for k, v in reproduce.SCRIPTS.items()}
@@ -178,3 +185,94 @@ def test_bad_input_is_one_line_and_exit_2(argv, says, dry_run, tmp_path, capsys,
     assert e.value.code == 2 and says in err and err.startswith("error: ")
     assert len(err.splitlines()) == 1 and "usage" not in err and "Traceback" not in err
     assert not out
+
+
+# ---- stop signals: real processes --------------------------------------------------------------
+def _wait_for(cond, what, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _group_gone(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return write_fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")), n_train=64, n_test=32)
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["kill-pid", "kill-group"])
+def test_stop_signal_is_passed_to_the_stage(to_group, fmnist, tmp_path, monkeypatch, capsys):
+    """SIGTERM to reproduce.py alone (kill PID), or to its whole process group (scancel, timeout,
+    systemd): the running stage gets it once, saves and exits; reproduce.py exits 143 without
+    starting another stage, nothing is left running, and a rerun continues the checkpoint."""
+    runs = str(tmp_path / "runs")
+    argv = ["--plan", "study", "--scale", "smoke", "--only", "pixel", "--probe_epochs", "1", "--train_subset", "0",
+            "--data_path", fmnist, "--output_root", runs, "--quiet"]
+    pre = os.path.join(runs, "pixel", "seed0", "pretrain")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "reproduce.py", *argv, "--pretrain_epochs", "1000"], cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage_pid = None
+    try:
+        _wait_for(lambda: read_log(os.path.join(pre, "log.txt"), drop_cut_tail=True), "the first epoch's log line")
+        with open(os.path.join(pre, ".lock")) as f:  # "pid N on HOST since ...": the stage's process
+            stage_pid = int(f.read().split()[1])
+        # its own group: a signal to reproduce.py's group reaches it once, passed on (two would kill it unsaved)
+        assert os.getpgid(stage_pid) == stage_pid != proc.pid
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 143, out
+        for pgid in (proc.pid, stage_pid):  # reproduce.py's group, and the stage's own
+            _wait_for(lambda: _group_gone(pgid), f"process group {pgid} to end", timeout=10)
+    finally:  # on a failure: leave nothing running
+        for pgid in (proc.pid, stage_pid):
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.killpg(pgid, signal.SIGKILL)
+        proc.wait()
+    assert "[reproduce] SIGTERM: stopped pixel seed 0 pretrain (exit 143" in out
+    with open(os.path.join(runs, "pixel", "seed0", "pretrain.out")) as f:
+        assert "SIGTERM: stopped" in f.read()  # the stage saved (a second signal would have killed it)
+    assert not os.path.exists(os.path.join(runs, "pixel", "seed0", "linprobe"))  # no stage started after
+    ckpt = torch.load(os.path.join(pre, "checkpoint-last.pth"), weights_only=False)
+    before = read_log(os.path.join(pre, "log.txt"))
+    # the rerun (in-process, to stay quick) continues the checkpoint and finishes its epoch
+    monkeypatch.setattr(reproduce, "run_stage", run_stage_in_process)
+    monkeypatch.setattr(reproduce, "write_outputs", lambda args, names: None)
+    capsys.readouterr()
+    assert reproduce.main([*argv, "--pretrain_epochs", str(ckpt["epoch"] + 1)]) == 0
+    resumed = f"resumed from {os.path.join(pre, 'checkpoint-last.pth')} at epoch {ckpt['epoch']}"
+    assert resumed in capsys.readouterr().out
+    after = read_log(os.path.join(pre, "log.txt"))
+    assert [r["epoch"] for r in after] == list(range(ckpt["epoch"] + 1)) and after[:len(before)] == before
+
+
+def test_malformed_run_file_fails_its_row_and_seed(tmp_path, monkeypatch, capsys):
+    """The stage-done check: a cut-off last log line (a killed run) is a stage to run again, whose
+    rerun repairs it; any other malformed file fails that row and seed in one line, and the plan
+    goes on with the next."""
+    runs, pre = tmp_path / "runs", tmp_path / "runs" / "pixel" / "seed0" / "pretrain"
+    pre.mkdir(parents=True)
+    (pre / "checkpoint-last.pth").write_bytes(b"")
+    (pre / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1, "lo')
+    assert not reproduce.stage_done("pretrain", str(pre), 2)
+    (pre / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n')
+    assert reproduce.stage_done("pretrain", str(pre), 2)
+    (pre / "log.txt").write_text('3\n{"epoch": 1}\n')
+    ran = []
+    monkeypatch.setattr(reproduce, "run_stage", lambda cmd, log_file, quiet: ran.append(cmd[0]) or 1)
+    assert reproduce.main(["--plan", "report", "--scale", "smoke", "--only", "pixel", "scratch", "--output_root",
+                           str(runs), "--data_path", str(tmp_path), "--no_figures"]) == 1
+    out = capsys.readouterr().out
+    assert f"[reproduce] FAILED: pixel seed 0 pretrain ({pre}/log.txt line 1 is a number, not a JSON object)\n" in out
+    assert ran == ["main_finetune.py"]  # scratch's first stage (failed by the stand-in); nothing of pixel
