@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT, SMOKE
+import util.signals
 from dataio.fake import write_fake_image_folder
+from util.signals import StopRequest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -112,3 +114,32 @@ def test_second_run_on_a_directory_is_refused_and_a_killed_run_leaves_no_lock(ci
     assert third.returncode == 0, stderr[-2000:]
     assert f"resumed from {out / 'checkpoint-last.pth'} at epoch {done}" in stdout
     assert epochs_logged(out) == list(range(done + 1))  # every epoch once
+
+
+def test_the_same_stop_delivered_twice_still_saves(cifar_root, tmp_path):
+    """systemd's cgroup kill or Slurm's scancel plus reproduce.py's forwarding: two SIGTERMs a
+    moment apart are one stop; the run saves and exits 143 rather than dying on the second."""
+    out = tmp_path / "run"
+    proc = start("main_pretrain.py", out, "--epochs", "200", "--warmup_epochs", "0", data=cifar_root)
+    wait_for(out / "log.txt", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "SIGTERM: stopped" in stdout, stderr[-2000:]
+
+
+def test_a_second_stop_after_the_window_kills(monkeypatch):
+    """A person pressing Ctrl-C again after waiting: the default action (here recorded, not run)."""
+    clock, raised = [100.0], []
+    monkeypatch.setattr(util.signals.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(util.signals.signal, "raise_signal", raised.append)
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # within the window: the same stop
+        assert stop.requested and raised == []
+        clock[0] += util.signals.DUPLICATE_WINDOW_S + 0.1
+        os.kill(os.getpid(), signal.SIGINT)
+        assert raised == [signal.SIGINT]
+    finally:
+        stop.restore()

@@ -7,19 +7,26 @@ worker_init_fn); they end when the main process shuts its loaders down, or, if i
 when torch's watchdog sees their parent gone.
 """
 import signal
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A launcher may deliver one stop twice: systemd's cgroup kill and Slurm's scancel signal every
+# process of the job, and reproduce.py also passes the stop on to its stage. A repeat within this
+# many seconds is that same stop; a later one is a person insisting (a second Ctrl-C) and kills.
+DUPLICATE_WINDOW_S = 2.0
 
 
 class StopRequest:
     """Installs handlers; `requested` becomes True on the first SIGTERM or SIGINT.
 
-    A second signal restores the default handler's behaviour (a second Ctrl-C kills).
+    A second signal more than DUPLICATE_WINDOW_S later restores the default handler's behaviour
+    (a second Ctrl-C kills); one sooner is the same stop delivered twice, and is ignored.
     """
 
     def __init__(self):
         self.requested = False
         self.signal_name, self.signal_number = "", 0
+        self._first = 0.0
         self._old = {}
         for sig in STOP_SIGNALS:
             try:
@@ -29,9 +36,11 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._first < DUPLICATE_WINDOW_S:
+                return
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
-        self.requested = True
+        self.requested, self._first = True, time.monotonic()
         self.signal_name, self.signal_number = signal.Signals(signum).name, signum
 
     def restore(self) -> None:
