@@ -6,6 +6,7 @@ reproduce.py runs the commands; a plan with budgets (schedule) runs every row at
 the values of results.schedule.scale_to_budget.
 """
 import os
+import re
 from typing import Dict, List, Optional
 
 from models_arch import ARCHS, MAE_PREFIX
@@ -61,6 +62,17 @@ def run_dir(args, name: str, seed: int, budget: Optional[int] = None) -> str:
     return os.path.join(args.output_root, name, *([budget_dir(budget)] if budget else []), f"seed{seed}")
 
 
+ROW_RUN = re.compile(r"\{row:(\w+)\}")
+
+
+def other_runs(pretrain: dict, args, seed: int, budget: Optional[int]) -> dict:
+    """Row options naming another row's run, "{row:NAME}/...", with that row's run directory at the
+    same seed and budget filled in (e.g. `teacher: "{row:pixel}/pretrain/encoder.safetensors"`: the
+    pixel MAE of the same seed as a teacher). That row must have run first (plan order)."""
+    return {k: ROW_RUN.sub(lambda m: run_dir(args, m.group(1), seed, budget), v)
+            for k, v in pretrain.items() if isinstance(v, str) and ROW_RUN.search(v)}
+
+
 def study_args(row, stage: str, seed: int, args, budget: Optional[int] = None) -> List[str]:
     """The flags of one stage (pretrain / linprobe / finetune) of a study-recipe plan: the shared recipe + the
     row's options (reproduce.Row); with a budget, the epochs and epoch-counted options of
@@ -75,6 +87,7 @@ def study_args(row, stage: str, seed: int, args, budget: Optional[int] = None) -
     if stage == "pretrain":
         cmd += ["--config", row.config]
         vals.update({k: v for k, v in STUDY_PINNED.items() if k not in row.pretrain})
+        vals.update(other_runs(row.pretrain, args, seed, budget))
         if budget:
             vals.update(scale_to_budget(row.pretrain, budget, STUDY_RECIPE["pretrain"]))
         elif args.pretrain_epochs:

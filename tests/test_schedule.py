@@ -103,7 +103,7 @@ def test_a_finetune_row_that_is_not_a_row_is_one_line(monkeypatch, capsys):
     assert e.value.code == 2 and "finetune_rows pixle not in its rows" in err and len(err.splitlines()) == 1
 
 
-def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path):
+def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path, teacher_file):
     cmds = _dry_run("--plan", "schedule", "--seeds", "2", "--budgets", "8", "32", "--data_path", str(tmp_path))
     pretrained = [r for r in PLAN if r != "scratch"]
     # seeds x (budgets x 2 stages x pretrained rows + scratch's probe + the fine-tunings at 32)
@@ -112,6 +112,13 @@ def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path):
     seen = {}
     for c in cmds:
         stage = STAGE_OF[c[1]]
+        if "--teacher" in c:  # a teacher row reads another row's run of the same seed and budget
+            teacher, out = c[c.index("--teacher") + 1], c[c.index("--output_dir") + 1]
+            row, budget, seed = out.split(os.sep)[-4:-1]
+            source = {"teacher_pixel": "pixel/{}/{}/pretrain/encoder.safetensors",
+                      "teacher_random": "random/{}/{}/pretrain/target_encoder.safetensors"}[row]
+            assert teacher == os.path.join("output", "schedule", *source.format(budget, seed).split("/"))
+            c = c[:c.index("--teacher") + 1] + [teacher_file] + c[c.index("--teacher") + 2:]  # a file that exists
         cfg = parse_config(SECTIONS[stage], stage, c[2:])
         row, budget, seed = cfg.output_dir.split(os.sep)[-4:-1]
         assert cfg.output_dir == os.path.join("output", "schedule", row, budget, seed, stage)
