@@ -24,8 +24,8 @@ def find_newest_pretrain(root: str = OUTPUT_ROOT) -> Optional[str]:
     candidates = sorted(glob.glob(os.path.join(root, "**", "checkpoint-last.pth"), recursive=True),
                         key=os.path.getmtime, reverse=True)
     for path in candidates:
-        try:
-            if load_checkpoint(path)["kind"] == "pretrain":
+        try:  # only the kind is read here: the weights are checked when the chosen one is loaded
+            if load_checkpoint(path, check_weights=False)["kind"] == "pretrain":
                 return path
         except UserError:
             continue

@@ -8,7 +8,10 @@ writes into DIR (default: the checkpoint's directory)
     target_slow_encoder.safetensors  the dual target's every-K snapshot, when present ("target_slow")
 each in timm VisionTransformer key names (cls_token, pos_embed, patch_embed.proj.*, blocks.N.*,
 norm.*; no head), float32, with the timm call, input size and normalisation in the file's
-metadata. Load one in timm with the call this prints, e.g. for mae_vit_base_patch16 at 224:
+metadata, and the checkpoint it came from ("source", "epochs_trained", "step": the files of one
+export agree on them). The files are one set: those an earlier export left in DIR that this
+checkpoint has no entry for (a target encoder, exporting from before the switch) are removed.
+Load one in timm with the call this prints, e.g. for mae_vit_base_patch16 at 224:
 
     timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0, img_size=224,
                       pretrained_cfg_overlay=dict(file="encoder.safetensors"))
@@ -66,11 +69,19 @@ def timm_call(model_name: str, img_size: int, in_chans: int, file: str) -> str:
 
 
 def encoder_state(ckpt: dict, key: str, path: str) -> Dict[str, torch.Tensor]:
-    """The encoder under checkpoint entry `key` (see FILES) as float32, contiguous, unshared
-    tensors (what safetensors stores). "target" and "target_slow" already hold encoder
-    state_dicts in timm names; "model" holds the whole MAE, its encoder under "encoder."."""
+    """The encoder under checkpoint entry `key` (see FILES), the checkpoint's own tensors (no
+    copy). "target" and "target_slow" already hold encoder state_dicts in timm names; "model"
+    holds the whole MAE, its encoder under "encoder."."""
     entry = ckpt if key == "model" else {"target": ckpt[key]}
     state = pretrained_encoder_state(entry, "model" if key == "model" else "target", path)
+    lacking = [k for k in ("patch_embed.proj.weight", "pos_embed") if k not in state]
+    if lacking:  # the input size is read from them
+        raise UserError(f"{path}: its {key!r} encoder has no {', '.join(lacking)}: not a ViT encoder of this project")
+    return state
+
+
+def _stored(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """float32, contiguous, unshared tensors: what safetensors stores."""
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
 
 
@@ -92,16 +103,30 @@ def export_encoders(ckpt_path: str, out_dir: Optional[str] = None) -> Dict[str, 
     ckpt = load_checkpoint(ckpt_path, kind="pretrain", require=("model", "config"))
     cfg = ckpt["config"]
     _arch(cfg["model"])  # refuse an unknown model before creating anything
+    # pixel runs, and bootstrapped runs before the switch, have no target
+    keys = [key for key in FILES if key == "model" or ckpt.get(key) is not None]
+    sources = {key: encoder_state(ckpt, key, ckpt_path) for key in keys}  # refused before touching DIR
     out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt_path))
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output directory {out_dir} ({e.strerror or e})")
+    # Files of an earlier export that this one does not replace would pair with encoders they were
+    # not trained with: removed first, so no kill leaves this export's files beside them.
+    stale = [os.path.join(out_dir, FILES[k]) for k in FILES if k not in keys
+             and os.path.exists(os.path.join(out_dir, FILES[k]))]
+    for path in stale:
+        try:
+            os.remove(path)
+        except OSError as e:
+            raise UserError(f"cannot remove {path}, left by an earlier export ({e.strerror or e})")
+    if stale:
+        print(f"removed {', '.join(stale)}: left by an earlier export, and {ckpt_path} (epoch "
+              f"{ckpt.get('epoch', '?')}) has no such encoder")
     written = {}
-    for key, filename in FILES.items():
-        if key != "model" and ckpt.get(key) is None:
-            continue  # pixel runs, and bootstrapped runs before the switch, have no target
-        state = encoder_state(ckpt, key, ckpt_path)
+    for key in keys:
+        filename = FILES[key]
+        state = _stored(sources[key])
         # The input size the weights were trained at, from the weights themselves: (1, 1 + G*G, D)
         # position embeddings and (D, C, p, p) patches.
         _, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
@@ -109,7 +134,8 @@ def export_encoders(ckpt_path: str, out_dir: Optional[str] = None) -> Dict[str, 
         path = os.path.join(out_dir, filename)
         call = timm_call(cfg["model"], img_size, in_chans, path)
         meta = {"format": "pt", "source": os.path.abspath(ckpt_path), "checkpoint_key": key,
-                "model": str(cfg["model"]), "epochs_trained": str(ckpt.get("epoch", "")), "img_size": str(img_size),
+                "model": str(cfg["model"]), "epochs_trained": str(ckpt.get("epoch", "")),
+                "step": str(ckpt.get("step", "")), "img_size": str(img_size),
                 "in_chans": str(in_chans), "dataset": str(cfg.get("dataset", "")), "timm_call": call,
                 **_normalization(cfg)}
         atomic_write(path, safetensors_bytes(state, metadata=meta))

@@ -14,6 +14,7 @@ from conftest import run_main, smoke_args
 from export_weights import FILES, export_encoders
 from models_arch import ARCHS
 from models_mae import MAEEncoder, create_model
+from util.errors import UserError
 
 
 def _timm_from(path: str, **extra) -> torch.nn.Module:
@@ -149,13 +150,65 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     torch.save({"kind": "pretrain", "model": {"encoder." + k: v for k, v in
                                               create_model("mae_vit_smoke_patch4").encoder.state_dict().items()},
                 "config": {"model": "mae_vit_nonesuch"}}, odd)
+    headless = tmp_path / "headless.pth"  # a target encoder without the tensors its input size is read from
+    torch.save({**torch.load(odd, weights_only=True), "config": {"model": "mae_vit_smoke_patch4"},
+                "target": {"cls_token": torch.zeros(1, 1, 64)}}, headless)
     for path, why in ((ft, "a finetune checkpoint, expected a pretrain checkpoint"),
-                      (odd, "unknown model 'mae_vit_nonesuch'"), (tmp_path / "missing.pth", "missing.pth")):
+                      (odd, "unknown model 'mae_vit_nonesuch'"), (tmp_path / "missing.pth", "missing.pth"),
+                      (headless, "its 'target' encoder has no patch_embed.proj.weight, pos_embed: not a ViT encoder")):
         with pytest.raises(SystemExit) as e:
             run_main("export_weights", path, "--out", tmp_path / "out")
         err = capsys.readouterr().err
         assert e.value.code == 2 and why in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "out")
+
+
+def _meta(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("pretrained", ["ema"], indirect=True)
+def test_exporting_an_earlier_checkpoint_leaves_no_stale_target(pretrained, tmp_path, capsys):
+    """checkpoint-1.pth of the ema run is from before its switch (no target): exported after the
+    last one into the same folder, it leaves one consistent set, the later target removed."""
+    last = pretrained[1]
+    earlier = os.path.join(os.path.dirname(last), "checkpoint-1.pth")
+    run_main("export_weights", last, "--out", tmp_path)
+    metas = [_meta(tmp_path / name) for name in ("encoder.safetensors", "target_encoder.safetensors")]
+    step = str(torch.load(last, weights_only=True)["step"])
+    assert all((m["source"], m["epochs_trained"], m["step"]) == (last, "2", step) for m in metas)
+    capsys.readouterr()
+    run_main("export_weights", earlier, "--out", tmp_path)
+    out = capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["encoder.safetensors"]
+    removed = [line for line in out.splitlines() if line.startswith("removed")]
+    assert removed == [f"removed {tmp_path / 'target_encoder.safetensors'}: left by an earlier export, and "
+                       f"{earlier} (epoch 1) has no such encoder"]
+    meta = _meta(tmp_path / "encoder.safetensors")
+    ckpt = torch.load(earlier, weights_only=True)
+    assert (meta["source"], meta["epochs_trained"], meta["step"]) == (earlier, "1", str(ckpt["step"]))
+    online = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    assert all(torch.equal(v, online[k]) for k, v in load_file(tmp_path / "encoder.safetensors").items())
+
+
+def test_a_failed_export_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """Each file is written to a temporary and renamed: a write that fails (a full disk) leaves the
+    earlier export's file whole and no temporary behind, in one line."""
+    _fake_checkpoint(str(tmp_path / "ck.pth"), "mae_vit_smoke_patch4", 32, 3, teachers=False)
+    path = next(iter(export_encoders(str(tmp_path / "ck.pth"))))
+    before = open(path, "rb").read()
+    torch.save({**torch.load(tmp_path / "ck.pth", weights_only=True), "epoch": 4}, tmp_path / "ck.pth")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(UserError, match=r"^could not write .*encoder.safetensors \(No space left on device\); "
+                                        r"nothing older was lost$"):
+        export_encoders(str(tmp_path / "ck.pth"))
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before and _meta(path)["epochs_trained"] == "3"
+    assert sorted(os.listdir(tmp_path)) == ["ck.pth", "encoder.safetensors"]
 
 
 def test_pretraining_writes_the_timm_files_at_the_end(pretrained):

@@ -51,13 +51,15 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
 
 
 def load_checkpoint(path: str, kind: Optional[str] = None,
-                    require: tuple = ("model", "kind")) -> Dict[str, Any]:
-    """Load on CPU; a missing, truncated or foreign file is a one-line UserError.
+                    require: tuple = ("model", "kind"), check_weights: bool = True) -> Dict[str, Any]:
+    """Load on CPU; a missing, truncated, foreign or damaged file is a one-line UserError.
 
     kind: the "kind" entry expected ("pretrain", "finetune", ...), or None for any.
     require: the entries the caller reads; a file without one of them (a weights-only export,
     a bare state_dict) is refused, naming what is missing and what the file seems to be, rather
     than failing later with a KeyError.
+    check_weights: refuse weights holding NaN or Inf (see _check_finite); off only for a caller
+    that reads no weights (finding the newest run by its "kind").
     """
     ckpt = _torch_load(path)
     if kind is not None and isinstance(ckpt, dict) and "kind" in ckpt and ckpt["kind"] != kind:
@@ -65,6 +67,9 @@ def load_checkpoint(path: str, kind: Optional[str] = None,
     needed = tuple(require) + (("kind",) if kind is not None and "kind" not in require else ())
     missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
     if not missing:
+        _check_entries(path, ckpt)
+        if check_weights:
+            _check_finite(path, ckpt)
         return ckpt
     names = ", ".join(repr(k) for k in missing)
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
@@ -74,6 +79,69 @@ def load_checkpoint(path: str, kind: Optional[str] = None,
            if "optimizer" in missing else "")
     raise UserError(f"{path}: this {ckpt['kind']} checkpoint has no {names} (a weights-only export? it holds "
                     f"{', '.join(sorted(map(str, ckpt)))}){why}")
+
+
+# entries holding state_dicts (name -> tensor): the run's model and its target encoders (None
+# before they exist)
+STATE_ENTRIES = ("model", "target", "target_slow")
+DAMAGED = "a damaged or hand-edited checkpoint"
+
+
+def _check_entries(path: str, ckpt: Dict[str, Any]) -> None:
+    """Refuse entries of the wrong type here, in one line, rather than as a TypeError deep in a caller."""
+    for key in STATE_ENTRIES:
+        entry = ckpt.get(key)
+        if entry is not None and not (isinstance(entry, dict) and
+                                      all(isinstance(v, torch.Tensor) for v in entry.values())):
+            raise UserError(f"{path}: its {key!r} is {_looks_like(entry)}, not a state_dict of tensors ({DAMAGED})")
+    if "config" in ckpt and not (isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("model"), str)):
+        what = "names no 'model'" if isinstance(ckpt["config"], dict) else f"is {_looks_like(ckpt['config'])}"
+        raise UserError(f"{path}: its 'config' {what}, where the settings of the run that wrote it belong ({DAMAGED})")
+    for key in ("epoch", "step"):
+        if key in ckpt and (not isinstance(ckpt[key], int) or isinstance(ckpt[key], bool) or ckpt[key] < 0):
+            raise UserError(f"{path}: its {key!r} is {ckpt[key]!r}, not a count ({DAMAGED})")
+
+
+def _weight_tensors(ckpt: Dict[str, Any]):
+    """(entry, name, tensor) for every floating-point tensor of the weights and the optimizer's
+    state (a NaN moment makes the weights NaN at the first step)."""
+    for key in STATE_ENTRIES:
+        for name, t in (ckpt.get(key) or {}).items():
+            if t.is_floating_point():
+                yield key, name, t
+    opt = ckpt.get("optimizer")
+    state = opt.get("state") if isinstance(opt, dict) else None
+    for index, slots in (state.items() if isinstance(state, dict) else ()):
+        for name, t in (slots.items() if isinstance(slots, dict) else ()):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                yield "optimizer", f"state.{index}.{name}", t
+
+
+def non_finite(ckpt: Dict[str, Any]) -> Optional[str]:
+    """Where a checkpoint's weights (or optimizer state) hold NaN or Inf, in words, or None. One
+    isfinite pass per tensor and one host sync at the end; the culprit is named from the flags,
+    with no second pass over the weights."""
+    tensors = list(_weight_tensors(ckpt))
+    if not tensors:
+        return None
+    finite = torch.stack([torch.isfinite(t).all().cpu() for _, _, t in tensors])
+    if bool(finite.all()):
+        return None
+    bad = (~finite).nonzero().flatten().tolist()
+    key, name, t = tensors[bad[0]]
+    counts = ((int(torch.isnan(t).sum()), "NaN"), (int(torch.isinf(t).sum()), "Inf"))
+    holds = " and ".join(f"{n} {what}" for n, what in counts if n)
+    more = f"; {len(bad) - 1} more tensor{'s' * (len(bad) > 2)} too" if len(bad) > 1 else ""
+    return f"{key}: {name} holds {holds}{more}"
+
+
+def _check_finite(path: str, ckpt: Dict[str, Any]) -> None:
+    """Refuse weights holding NaN or Inf: training from them only skips or diverges, and an
+    export of them is useless."""
+    where = non_finite(ckpt)
+    if where:
+        raise UserError(f"{path}: weights are not finite ({where}); this checkpoint cannot be trained from or "
+                        f"exported: use an earlier checkpoint-N.pth of the run")
 
 
 def _torch_load(path: str) -> Any:
