@@ -397,7 +397,8 @@ def test_one_channel_checkpoint_in_a_three_channel_run(fashion_pretrained, tmp_p
 
 def test_one_channel_checkpoint_resumed_by_three_channel_pretraining(fashion_pretrained, tmp_path, capsys):
     ckpt, cifar = fashion_pretrained
-    err = refused(capsys, "main_pretrain", *smoke_args(cifar, tmp_path / "o", "--resume", ckpt),
+    # --dataset given: a resume otherwise continues the checkpoint's own dataset (util.rundir)
+    err = refused(capsys, "main_pretrain", *smoke_args(cifar, tmp_path / "o", "--resume", ckpt, "--dataset", "cifar10"),
                   match=r"pretrained on 1-channel images \(fashion_mnist\), but this run's data has 3 channels")
     assert "--model" not in err
 

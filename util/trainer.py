@@ -34,7 +34,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from util import distributed as dist
-from util.checkpoint import rng_state, save_checkpoint
+from util.checkpoint import non_finite, rng_state, save_checkpoint
 from util.errors import UserError
 from util.logger import RunLogger
 from util.lr_sched import adjust_learning_rate
@@ -294,8 +294,17 @@ class Run:
                 "config": self.cfg.to_dict()}
 
     def _save(self, path: str) -> None:
+        """Save, unless the weights went non-finite (a finite loss can still step into NaN/Inf):
+        then nothing is written over the last good checkpoint and the run stops. Checked on every
+        rank (they hold the same weights), so all ranks stop together."""
+        ckpt = self._checkpoint()
+        bad = non_finite(ckpt)
+        if bad:
+            last = self.last_path if os.path.isfile(self.last_path) else "none"
+            sys.exit(f"error: the weights are not finite ({bad}) at epoch {self.state.epoch}, step "
+                     f"{self.state.epoch_step} of the epoch; not saved; last good checkpoint: {last}")
         if dist.is_main():
-            save_checkpoint(self._checkpoint(), path)
+            save_checkpoint(ckpt, path)
 
     def _write_outputs(self, record: Dict[str, Any]) -> None:
         """checkpoint-N.pth when due, and the epoch's log line: both re-made if a crash lost them."""
