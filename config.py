@@ -340,6 +340,47 @@ class LinprobeConfig(EvalConfig):
 SECTIONS: Dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig,
                              "linprobe": LinprobeConfig}
 
+# --help as a table of contents: every flag in one group, in this order (a script shows the
+# groups it has flags in). The options of a target kind form a group of their own, named after the
+# kinds that read them (target_encoder: each kind's `options`), after "target".
+HELP_GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("data", ("dataset", "data_path", "train_subset", "data_loader", "num_workers", "input_size", "norm_mean",
+              "norm_std")),
+    ("schedule", ("epochs", "batch_size", "accum_iter", "blr", "lr", "min_lr", "weight_decay", "warmup_epochs")),
+    ("model and masking", ("model", "mask_ratio", "norm_pix_loss")),
+    ("starting point", ("finetune", "checkpoint_key", "from_scratch")),
+    ("target", ("target",)),
+    ("improved targets (any kind with a feature phase)", ("target_layers", "target_norm", "target_prenorm",
+                                                          "pixel_weight", "feature_ramp", "num_masks",
+                                                          "feature_decoder", "stage_reset")),
+    ("recipe details (report / official MAE / independent loop)", ("wd_norm_bias", "crop_interpolation",
+                                                                   "feature_head_init")),
+    ("fine-tuning recipe", ("layer_decay", "drop_path", "global_pool", "smoothing", "aa", "reprob", "remode",
+                            "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "clip_grad")),
+    ("linear probe and kNN (pretraining: the kNN monitor)", ("pool", "aug", "cached_features", "knn", "knn_every", "knn_pool", "knn_k", "knn_t")),
+    ("run, speed and faults", ("config", "output_dir", "device", "seed", "resume", "save_freq", "print_freq",
+                               "precision", "compile", "skip_nonfinite")),
+)
+
+
+def help_groups(cls: type) -> List[Tuple[str, List[str]]]:
+    """(title, field names) of `cls` in --help order; target-kind options after "target"."""
+    from target_encoder import TARGETS
+    names = {f.name for f in dataclasses.fields(cls)}
+    kinds: Dict[str, List[str]] = {}  # option -> the kinds reading it
+    for kind, target in TARGETS.items():
+        for o in target.options:
+            kinds.setdefault(o, []).append(kind)
+    by_kinds: Dict[str, List[str]] = {}
+    for o, readers in kinds.items():
+        by_kinds.setdefault(f"--target {' / '.join(readers)}", []).append(o)
+    out = []
+    for title, fields in HELP_GROUPS:
+        out.append((title, [f for f in fields if f in names]))
+        if title == "target":
+            out += [(t, [o for o in opts if o in names]) for t, opts in by_kinds.items()]
+    return [(title, fields) for title, fields in out if fields]
+
 
 # ---- checking fields against their metadata ---------------------------------------------------
 
@@ -499,19 +540,29 @@ def build_parser(cls: type, defaults: Dict[str, Any], prog: Optional[str] = None
     parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0],
                      argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, meta = _base_type(hints[f.name]), f.metadata
-        help_text = f"{meta.get('help', '')} (default: {defaults[f.name]!r})".replace("%", "%%")
-        kwargs: Dict[str, Any] = {"help": help_text}
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = tp
-            choices = choices_of(f)
-            if choices and meta.get("cli_choices", True):
-                kwargs["choices"] = choices
-        parser.add_argument(f"--{f.name}", **kwargs)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for title, names in help_groups(cls):
+        group = parser.add_argument_group(title)
+        for name in names:
+            _add_flag(group, fields.pop(name), hints, defaults)
+    for f in fields.values():  # a field no group names (test_config refuses such a field)
+        _add_flag(parser, f, hints, defaults)
     return parser
+
+
+def _add_flag(parser, f: dataclasses.Field, hints: Dict[str, Any], defaults: Dict[str, Any]) -> None:
+    """--NAME for field f: its type, choices and help (with the default shown)."""
+    tp, meta = _base_type(hints[f.name]), f.metadata
+    help_text = f"{meta.get('help', '')} (default: {defaults[f.name]!r})".replace("%", "%%")
+    kwargs: Dict[str, Any] = {"help": help_text}
+    if tp is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = tp
+        choices = choices_of(f)
+        if choices and meta.get("cli_choices", True):
+            kwargs["choices"] = choices
+    parser.add_argument(f"--{f.name}", **kwargs)
 
 
 def parse_config(cls: type, section: str, argv: Optional[List[str]] = None):

@@ -244,3 +244,20 @@ def test_every_top_level_preset_parses(preset):
     for stage in sections:
         cfg = parse_config(SECTIONS[stage], stage, ["--config", path])
         assert isinstance(cfg, SECTIONS[stage])
+
+
+@pytest.mark.parametrize("cls", list(SECTIONS.values()))
+def test_help_is_grouped_and_every_flag_is_in_one_group(cls, capsys):
+    """--help reads as a table of contents: every field in exactly one group, the options of a
+    target kind in a group named after the kinds that read them."""
+    from config import help_groups
+    groups = help_groups(cls)
+    placed = [name for _, names in groups for name in names]
+    assert sorted(placed) == sorted(f.name for f in dataclasses.fields(cls))  # each once, none left over
+    with pytest.raises(SystemExit):
+        build_parser(cls, cls().to_dict()).parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "data:" in out and "run, speed and faults:" in out
+    if cls is SECTIONS["pretrain"]:
+        assert set(dict(groups)["--target ema / dual"]) == {"tau", "wse", "ema_every", "tau_end"}
+        assert "--target teacher:" in out
