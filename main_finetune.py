@@ -20,6 +20,7 @@ from engine_finetune import Classification
 from eval_setup import setup_eval_run
 from util import distributed as dist
 from util.errors import UserError, cli
+from util.memory import check_step_fits
 from util.runtime import speed_options
 from util.trainer import Run
 
@@ -48,6 +49,7 @@ def build_criterion(cfg, num_classes: int):
 def main(argv=None) -> None:
     cfg = parse_config(FinetuneConfig, "finetune", argv)
     device, start, own = setup_eval_run(cfg, "finetune")
+    check_step_fits(cfg, "finetune", device)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
 

@@ -17,6 +17,7 @@ from engine_finetune import Classification
 from eval_setup import setup_eval_run
 from util import distributed as dist
 from util.errors import cli
+from util.memory import check_step_fits
 from util.runtime import speed_options
 from util.trainer import Run
 
@@ -54,6 +55,7 @@ def cached_features(cfg, probe, train_x, train_y, test_loader, device, mean, std
 def main(argv=None) -> None:
     cfg = parse_config(LinprobeConfig, "linprobe", argv)
     device, start, own = setup_eval_run(cfg, "linprobe")
+    check_step_fits(cfg, "linprobe", device)
     train_x, train_y, test_x, test_y, num_classes = load_splits(cfg)
     mean, std = normalization(cfg)
     probe = build_probe(cfg, start, own, num_classes, image_channels(train_x), device)

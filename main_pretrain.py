@@ -26,6 +26,7 @@ from target_encoder import build_target
 from util import distributed as dist
 from util.checkpoint import load_checkpoint
 from util.errors import UserError, cli
+from util.memory import check_step_fits
 from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, resolve_precision, speed_options
 from util.trainer import Run, optimizer_steps
@@ -101,6 +102,7 @@ def main(argv=None) -> None:
     ckpt = load_checkpoint(resume, kind="pretrain", require=RESUME_KEYS) if resume else None
     cfg.precision = resolve_precision(cfg.precision, device, ckpt["config"].get("precision") if ckpt else None)
     prepare_output_dir(cfg, resume, ckpt, write=dist.is_main())
+    check_step_fits(cfg, "pretrain", device)
 
     train_set = load_train(cfg)
     images = train_set[0]

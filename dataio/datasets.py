@@ -18,16 +18,17 @@ import pickle
 import shutil
 import stat
 import zlib
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from util.errors import UserError
 
@@ -133,14 +134,25 @@ def _cifar_dir(spec: CifarLayout, root: str) -> str:
     return os.path.join(root, spec.folder)
 
 
+def _latin1(text: str, encoding: str) -> bytes:
+    """_codecs.encode as pickle protocols 0-2 use it: bytes are stored as latin-1 text
+    (`_codecs.encode(text, 'latin1')`); any other codec is refused, not looked up."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"holds a _codecs.encode call with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 class _ArraysOnly(pickle.Unpickler):
     """Unpickles what the official batches hold (numpy arrays, lists, bytes, numbers) and nothing
-    else: any other global in a pickle could run code while loading, so a foreign file is refused."""
+    else: any other global in a pickle could run code while loading, so a foreign file is refused.
+    Batches re-pickled by Python 3 with protocol 0-2 build their bytes through _codecs.encode."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
         (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | {
         (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"holds a {module}.{name} object")
         return super().find_class(module, name)
@@ -315,12 +327,16 @@ _LAYOUT = "expected DATA_PATH/train/CLASS/IMAGE and DATA_PATH/val/CLASS/IMAGE (o
 
 
 def _class_folders(split: str) -> List[str]:
+    """The sorted class folder names of a split (as torchvision's ImageFolder orders them), hidden
+    ones left out: Jupyter's .ipynb_checkpoints is no class."""
     try:
-        return find_classes(split)[0]  # sorted folder names, as torchvision's ImageFolder orders them
-    except FileNotFoundError:
-        raise UserError(f"{split}: no class folders, hence no images ({_LAYOUT})")
+        with os.scandir(split) as entries:
+            classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     except OSError as e:  # permission denied: not the same as "no class folders"
         raise UserError(f"cannot read {split} ({e.strerror or type(e).__name__})")
+    if not classes:
+        raise UserError(f"{split}: no class folders, hence no images ({_LAYOUT})")
+    return classes
 
 
 def _few(names) -> str:
@@ -376,32 +392,129 @@ def image_channels(images) -> int:
     return images.channels if isinstance(images, ImageFiles) else images.shape[3]
 
 
+def _shown(path: str) -> str:
+    """A path as text that prints anywhere: bytes of a non-UTF-8 name as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _dir_id(path: str) -> Tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _ancestors(path: str) -> List[str]:
+    """`path` and every folder above it, up to /."""
+    out = [path]
+    while os.path.dirname(out[-1]) != out[-1]:
+        out.append(os.path.dirname(out[-1]))
+    return out
+
+
+# what a class folder's walk leaves out (not hidden names: those are never data), for the one-line note
+_SKIPPED = {"special": "special file{s} (FIFO, socket or device: opening one can block forever)",
+            "broken": "broken link{s}",
+            "loop": "folder link{s} back into the class (a loop such as `x -> ..`) or to a folder already read"}
+
+
+def _class_images(folder: str, skipped: Dict[str, List[str]]) -> List[str]:
+    """The image files under a class folder and its subfolders, in torchvision's make_dataset
+    order (folder path, then name), each read once.
+
+    Real subfolders are read before folder links, and a link is followed only to a folder not yet
+    read and not above the class folder: a loop (`loop -> ..`) would list the class again and
+    again. Hidden names (macOS's ._x.png, .DS_Store) are left out; so are special files, never
+    opened, and broken links, both listed in `skipped` by reason.
+    """
+    seen = {_dir_id(p) for start in {os.path.abspath(folder), os.path.realpath(folder)}
+            for p in _ancestors(os.path.dirname(start))}
+    found, real, links = [], [folder], []
+    while real or links:
+        path = real.pop() if real else links.pop(0)
+        try:
+            key = _dir_id(path)
+            if key in seen:
+                skipped["loop"].append(path)
+                continue
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:  # an unreadable subfolder would silently shrink the class
+            raise UserError(f"cannot read {_shown(path)} ({e.strerror or type(e).__name__})")
+        seen.add(key)
+        files = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                (links if e.is_symlink() else real).append(e.path)
+            elif not has_file_allowed_extension(e.name, IMG_EXTENSIONS):
+                continue
+            elif e.is_file():  # a regular file, or a link to one
+                files.append(e.path)
+            else:
+                skipped["special" if os.path.exists(e.path) else "broken"].append(e.path)
+        found.append((path, files))
+    return [f for _, files in sorted(found) for f in files]
+
+
+_NOTED = set()  # notes already printed: every load of a split lists it again
+
+
+def _note(line: str) -> None:
+    if line not in _NOTED:
+        _NOTED.add(line)
+        print(f"note: {line}")
+
+
 def image_folder_files(root: str, train: bool) -> Tuple[ImageFiles, np.ndarray, int]:
     """The files of root/train or root/val (no pixel read): ImageFiles, labels (N,) int64 and
     the number of classes (from the folders: a class may lack images in one split)."""
     classes, train_dir, val_dir = image_folder_layout(root)
     split = train_dir if train else val_dir
-    for c in classes:  # make_dataset's os.walk skips a folder it cannot read: the class would look empty
-        try:
-            os.listdir(os.path.join(split, c))
-        except OSError as e:
-            raise UserError(f"cannot read {os.path.join(split, c)} ({e.strerror or type(e).__name__})")
-    # allow_empty: a class with no images in one split is legal; a split with none at all is not
-    samples = make_dataset(split, {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
-                           allow_empty=True)
-    if not samples:
+    skipped, paths, labels, empty = defaultdict(list), [], [], []
+    for label, c in enumerate(classes):
+        files = _class_images(os.path.join(split, c), skipped)
+        paths += files
+        labels += [label] * len(files)
+        if not files:
+            empty.append(c)
+    for reason, found in skipped.items():
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        what = _SKIPPED[reason].format(s="s" if len(found) > 1 else "")
+        _note(f"{split}: skipped {len(found)} {what}: {_shown(found[0])}{more}")
+    if not paths:  # a class with no images in one split is legal; a split with none at all is not
         raise UserError(f"{split}: no images ({' '.join(IMG_EXTENSIONS)}) in its class folders")
-    labels = check_labels([label for _, label in samples], len(classes), split)
-    return ImageFiles([path for path, _ in samples]), labels, len(classes)
+    if empty:
+        _note(f"{split}: no images in class folder(s) {_shown(_few(empty))}")
+    return ImageFiles(paths), np.array(labels, np.int64), len(classes)
+
+
+def _as_8_bits(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (PNG, TIFF: I;16*, PGM: I) as 8-bit L, keeping the high byte as PIL does
+    for 16-bit RGB; PIL's own conversion clips at 255, turning almost every pixel white."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
+    return img
 
 
 def open_rgb(path: str) -> Image.Image:
-    """One image file, decoded, as RGB (from any PIL mode: L, P, RGBA, CMYK, ...)."""
+    """One image file, decoded, upright (EXIF orientation applied, as viewers show photos), as RGB
+    from any PIL mode (L, P, RGBA, CMYK, 16-bit, ...; alpha dropped as torchvision's loader does)."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # decodes now, inside the try: truncated files fail here
+            ImageOps.exif_transpose(img, in_place=True)  # decodes now, inside the try: truncated files fail here
+            return _as_8_bits(img).convert("RGB")
     except Exception as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__})")
+        raise UserError(f"{_shown(path)}: not a readable image ({_why_unreadable(path, e)})")
+
+
+def _why_unreadable(path: str, e: Exception) -> str:
+    """What a user can act on: an empty or truncated file (a broken copy), else PIL's error type."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+    except OSError:
+        pass
+    return "truncated file" if str(e).startswith("image file is truncated") else type(e).__name__
 
 
 def read_image_folder(root: str, train: bool, size: int = IMAGE_SIZE) -> Tuple[np.ndarray, np.ndarray]:
