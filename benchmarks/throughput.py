@@ -5,7 +5,7 @@ untimed ones (compilation happens in the warm-up), with a device sync only at th
 timed region. Pretraining rows time the project's own step: main_pretrain.build_engine ->
 engine_pretrain.Pretraining.train_step.
 
-    python benchmarks/throughput.py                        # auto device, defaults per device, every bench
+    python benchmarks/throughput.py                        # auto device: every bench on CUDA, quick ones on CPU
     python benchmarks/throughput.py --device cpu --model mae_vit_smoke_patch4 --json out.json
     python benchmarks/throughput.py --device cuda --compile --batch_size 512
     python benchmarks/throughput.py --bench precision      # fp32 / bf16 / bf16+compile ratios only
@@ -39,6 +39,8 @@ from util.trainer import Step  # noqa: E402
 
 EPOCH_IMAGES = 50_000  # CIFAR-10 train set
 BENCHES = ("data", "pretrain", "precision", "finetune", "features")  # --bench choices, in run order
+# What a CPU runs by default: a few minutes on 2 cores (the report's model); the rest on request.
+CPU_QUICK = {"bench": ["data", "pretrain"], "targets": ["pixel", "ema"]}
 # The precision comparison's variants, (name, precision, compile); the first is the reference.
 PRECISION_VARIANTS = (("fp32_eager", "fp32", False), ("bf16_eager", "bf16", False), ("bf16_compile", "bf16", True))
 
@@ -270,12 +272,14 @@ def parse(argv):
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="fast path autocast (auto: bf16 where the device runs it natively)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path (CUDA and CPU)")
-    p.add_argument("--bench", nargs="+", default=list(BENCHES), choices=BENCHES,
-                   help="which comparisons to run (default: all); precision = fp32 eager vs bf16 eager vs "
+    p.add_argument("--bench", nargs="+", default=None, choices=BENCHES,
+                   help="which comparisons to run (default: all on CUDA; on a CPU the quick ones: "
+                        f"{' '.join(CPU_QUICK['bench'])}); precision = fp32 eager vs bf16 eager vs "
                         "bf16+compile of the pretraining step, each target")
-    p.add_argument("--targets", nargs="+", default=list(self_contained()), choices=list(self_contained()),
-                   help="pretrain and precision benches: these target kinds (default: every registered one that "
-                        "needs no file; --target teacher costs what random does for a teacher of the same size)")
+    p.add_argument("--targets", nargs="+", default=None, choices=list(self_contained()),
+                   help="pretrain and precision benches: these target kinds (default on CUDA: every registered "
+                        f"one that needs no file; on a CPU: {' '.join(CPU_QUICK['targets'])}; --target teacher "
+                        "costs what random does for a teacher of the same size)")
     p.add_argument("--repeats", type=int, default=1,
                    help="precision bench: timed rounds per variant, taken in turn; the best is kept")
     p.add_argument("--threads", type=int, default=0,
@@ -290,6 +294,12 @@ def parse(argv):
     args.steps = args.steps or (50 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     args.workers = args.workers or ([0, 4, 8, 16] if cuda else [0, 2])
+    quick = not cuda and args.bench is None and args.targets is None
+    args.bench = args.bench or (list(BENCHES) if cuda else CPU_QUICK["bench"])
+    args.targets = args.targets or (list(self_contained()) if cuda else CPU_QUICK["targets"])
+    if quick:  # a CPU takes minutes per row of the rest (compile, every target)
+        print(f"quick CPU run: --bench {' '.join(args.bench)} --targets {' '.join(args.targets)}; everything: "
+              f"--bench {' '.join(BENCHES)} --targets {' '.join(self_contained())} (tens of minutes)", flush=True)
     return args
 
 
@@ -303,6 +313,8 @@ def run_benches(images, args, device):
             fast, base = (bench_pretrain(images, args, device, f, kind) for f in (True, False))
             fast["ratio"] = fast["images_per_s"] / base["images_per_s"]  # fast / baseline
             rows += [fast, base]
+            print(f"[{kind}] pretrain step: {fast['images_per_s']:.1f} img/s fast, {base['images_per_s']:.1f} "
+                  f"baseline", flush=True)  # progress: a row takes a while on a CPU
     if "precision" in args.bench:
         rows += bench_precision(images, args, device)
     if "finetune" in args.bench:
