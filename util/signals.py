@@ -52,8 +52,18 @@ def worker_ignores_stops(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: a stop signal sent to the process group is the main process's
     to handle. Without this, torch's worker handler dies on SIGTERM (Python's default kills it
     on SIGINT) and the main process fails with "DataLoader worker ... killed" before it saves."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_term)
+
+
+# A worker outlives a SIGTERM by this long: the main process saves and shuts its loaders down well
+# within it, and a worker torch itself terminates (stuck at a loader's shutdown) still ends.
+WORKER_GRACE_S = 30
+
+
+def _worker_term(signum, frame) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(WORKER_GRACE_S)
 
 
 def should_stop(stop, steps_done: int, print_freq: int, device) -> bool:
