@@ -57,6 +57,8 @@ TARGETS: Dict[str, Type["Target"]] = {}
 # Options every kind with a feature phase reads (the `Target` docstring); pixel MAE reads none.
 FEATURE_OPTIONS = ("target_layers", "target_norm", "target_prenorm", "pixel_weight", "feature_ramp",
                    "feature_decoder")
+# Plain MAE and the report's method: what a quick benchmark times when not told which kinds.
+HEADLINE_KINDS = ("pixel", "ema")
 
 
 def register_target(name: str) -> Callable[[Type["Target"]], Type["Target"]]:
@@ -207,6 +209,12 @@ class Target:
                        f"{self.switch_epoch}-{self.epochs - 1}): the feature loss weight ends at "
                        f"{self.feature_weight(self.epochs - 1):.2g}, not 1")
         return tuple(out)
+
+    @classmethod
+    def frozen_archs(cls, cfg, online: Arch) -> Tuple[Arch, ...]:
+        """The architectures of the frozen encoders a run of this kind holds (util/memory.py's
+        estimate): one copy of the online encoder `online` unless the kind says otherwise."""
+        return (online,)
 
     def feature_dim(self, arch: Arch, in_chans: int) -> int:
         """Width of one target token (the feature head's output) for the online model `arch` on
@@ -371,6 +379,10 @@ class PixelTarget(Target):
     """Plain MAE: pixels of removed patches, always; no target encoder."""
     refreshes_later = False
 
+    @classmethod
+    def frozen_archs(cls, cfg, online: Arch) -> Tuple[Arch, ...]:
+        return ()
+
 
 @register_target("mae_k")
 class MAEKTarget(Target):
@@ -489,6 +501,10 @@ class DualTarget(EMATarget):
     def teachers(self) -> Tuple[Optional[MAEEncoder], ...]:
         return (self.encoder, self.slow)
 
+    @classmethod
+    def frozen_archs(cls, cfg, online: Arch) -> Tuple[Arch, ...]:
+        return (online, online)
+
     def state_dict(self) -> Dict[str, Any]:
         """Also "target_slow": the every-K snapshot's state_dict (None before it exists)."""
         return {**super().state_dict(), "target_slow": None if self.slow is None else self.slow.state_dict()}
@@ -591,6 +607,10 @@ class HOGTarget(Target):
     def reads(self) -> Tuple[str, ...]:
         return ("pixel_weight", "feature_ramp", "feature_decoder")  # no encoder: no layers to pick
 
+    @classmethod
+    def frozen_archs(cls, cfg, online: Arch) -> Tuple[Arch, ...]:
+        return ()
+
     def feature_dim(self, arch: Arch, in_chans: int) -> int:
         return in_chans * 4 * HOG_BINS
 
@@ -666,6 +686,10 @@ class TeacherTarget(Target):
         if not cfg.teacher:
             raise UserError("--target teacher needs --teacher PATH (an encoder.safetensors written by export_weights.py)")
         _teacher_file(cfg.teacher, cfg.model, cfg.input_size)  # its metadata only: before any work
+
+    @classmethod
+    def frozen_archs(cls, cfg, online: Arch) -> Tuple[Arch, ...]:
+        return (_teacher_file(cfg.teacher, cfg.model, cfg.input_size)[0],)
 
     def __init__(self, cfg, steps_per_epoch: int = 1):
         super().__init__(cfg, steps_per_epoch)

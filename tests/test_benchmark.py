@@ -25,7 +25,7 @@ def test_throughput_smoke_writes_every_row(tmp_path, capsys):
     load_benchmark().main(["--device", "cpu", "--model", "mae_vit_smoke_patch4", "--batch_size", "16",
                            "--steps", "2", "--warmup", "1", "--images", "512", "--workers", "0", "--json", str(out),
                            "--precision", "fp32",  # auto is bf16 on a CPU with AVX512-BF16
-                           "--bench", "data", "pretrain", "finetune", "features"])
+                           "--bench", "data", "pretrain", "finetune", "features", "--targets", *self_contained()])
     rows = json.loads(out.read_text())
     found = {(r["bench"], r["variant"]) for r in rows}
     expected = {("data", "in_memory"), ("data", "torchvision_w0"), ("data", "torchvision_finetune_w0"),
@@ -57,7 +57,7 @@ def test_precision_comparison_times_the_engine_step_for_every_target(tmp_path, c
     out = tmp_path / "rows.json"
     rows = load_benchmark().main(["--device", "cpu", "--model", "mae_vit_smoke_patch4", "--bench", "precision",
                                   "--batch_size", "8", "--steps", "1", "--warmup", "1", "--images", "64",
-                                  "--threads", "1", "--json", str(out)])
+                                  "--threads", "1", "--json", str(out), "--targets", *self_contained()])
     assert json.loads(out.read_text()) == rows
     variants = {"fp32_eager": ("fp32", False), "bf16_eager": ("bf16", False), "bf16_compile": ("bf16", True)}
     by = {(r["bench"], r["variant"]): r for r in rows}

@@ -29,7 +29,7 @@ Measured (AMD EPYC CPU, torch 2.14, peak RSS growth of a fresh process from this
 """
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 
@@ -121,26 +121,15 @@ def feature_bytes(cfg, width: int, knn: bool) -> int:
     return total + (KNN_CHUNK + width) * n_train * FP32 if knn else total
 
 
-def _teachers(cfg, online: Arch) -> List[Arch]:
-    """The frozen encoders a pretraining target holds: none for pixels and HOG, the EMA and its
-    snapshot for dual, the file's architecture for --target teacher, else a copy of the online one."""
-    if cfg.target in ("pixel", "hog"):
-        return []
-    if cfg.target == "teacher":  # the file was checked by the config (TeacherTarget.check_config)
-        from safetensors import safe_open
-        from models_mae import arch_of
-        return [arch_of(safe_open(cfg.teacher, "pt").metadata()["model"])]
-    return [online] * (2 if cfg.target == "dual" else 1)
-
-
 def pretrain_estimate(cfg) -> Estimate:
     """One pretraining step of cfg (a resolved PretrainConfig; cfg.precision bf16 or fp32)."""
     from models_mae import MAEEncoder, arch_of, create_model
+    from target_encoder import TARGETS
     a, size, act = arch_of(cfg.model), cfg.input_size, 2 if cfg.precision == "bf16" else FP32
     L = a.grid(size) ** 2
     keep, pixels = int(L * (1 - cfg.mask_ratio)), CHANNELS * size * size
-    teachers = _teachers(cfg, a)
-    feature_dim = teachers[0].embed_dim if teachers else a.embed_dim  # HOG's is smaller
+    teachers = TARGETS[cfg.target].frozen_archs(cfg, a)
+    feature_dim = teachers[0].embed_dim if teachers else a.embed_dim  # an upper bound for HOG
     with torch.device("meta"):  # exact counts (position embeddings included), nothing allocated
         model = create_model(cfg.model, img_size=size, in_chans=CHANNELS, feature_decoder=cfg.feature_decoder,
                              feature_dim=feature_dim)
@@ -159,7 +148,8 @@ def pretrain_estimate(cfg) -> Estimate:
                                           a.mlp_ratio, act, True)
                               + 4 * (1 + L) * a.decoder_embed_dim * act)  # embed, unshuffle, + pos
                 + 4 * pixels * FP32  # the view, its pixel target, prediction and gradient
-                + (3 * L * feature_dim * FP32 if cfg.target != "pixel" else 0))  # feature target, pred., grad.
+                # feature target, prediction, gradient (counted for pixel MAE too: a few % over)
+                + 3 * L * feature_dim * FP32)
     per_image = 3 * pixels * FP32  # the augmented batch and crop_resize's intermediates
     if teachers:  # no-grad target pass over the full image; every block output kept
         per_image += max(stack_bytes(1 + L, t.embed_dim, t.depth, t.num_heads, t.mlp_ratio, act, False)
