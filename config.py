@@ -98,8 +98,8 @@ class RunConfig:
     norm_mean: str = opt("", "per-channel input mean, comma-separated, 0-1 scale (empty: the dataset's; "
                              "fine-tuning/probing: the pretraining run's)")
     norm_std: str = opt("", "per-channel input std, comma-separated (empty: the dataset's; fine-tuning/"
-                            "probing: the pretraining run's). E.g. the widely copied CIFAR-10 "
-                            "0.2023,0.1994,0.2010 instead of the true 0.2470,0.2435,0.2616")
+                            "probing: the pretraining run's). CIFAR-10's default is the report's "
+                            "0.2023,0.1994,0.2010; the data's true std is 0.2470,0.2435,0.2616")
     # optimisation
     epochs: int = opt(100, "training epochs", ge=1)
     batch_size: int = opt(512, "images per step (per GPU under torchrun)", ge=1)
@@ -150,6 +150,9 @@ class RunConfig:
             self.lr = self.blr * self.batch_size * self.accum_iter * world_size / 256  # the effective batch
         if not self.output_dir:
             self.output_dir = os.path.join("output", self.default_run_name())
+        from dataio.datasets import normalization, stats_text
+        # the values themselves, not "the dataset's": a default that changes cannot change what a run recorded
+        self.norm_mean, self.norm_std = (stats_text(v) for v in normalization(self))
 
     def default_run_name(self) -> str:
         raise NotImplementedError

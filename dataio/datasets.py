@@ -21,7 +21,7 @@ import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,7 +37,11 @@ FASHION_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                  False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 FASHION_CLASSES = 10
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# The report's code normalises with the widely copied (0.2023, 0.1994, 0.2010), 0.82x the data's
+# true per-channel std (CIFAR10_DATA_STD, official MAE's choice: --norm_std 0.2470,0.2435,0.2616).
+# Reproducing the report comes first, so its constant is the default.
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR10_DATA_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 # Per-channel (mean, std) for normalisation; the one place dataset_stats reads. An image
@@ -653,6 +657,11 @@ def load_splits(cfg):
         raise UserError(f"batch_size {cfg.batch_size} x {world()} ranks is larger than the dataset "
                         f"({len(train_x)} images)")
     return train_x, train_y, test_x, test_y, num_classes
+
+
+def stats_text(values: Sequence[float]) -> str:
+    """(0.2023, 0.1994, 0.201) -> '0.2023,0.1994,0.201', the form --norm_mean/--norm_std take."""
+    return ",".join(f"{v:g}" for v in values)
 
 
 def normalization(cfg) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -49,6 +49,43 @@ def test_norm_stats_flags_and_their_errors(tmp_path):
             parse_config(PretrainConfig, "pretrain", flags)
 
 
+def test_report_defaults_std_and_feature_head_init():
+    """The report's code: CIFAR-10 std (0.2023, 0.1994, 0.2010) and a feature head with PyTorch's
+    own nn.Linear init; official MAE's (the data's std, xavier) stay options."""
+    from dataio.datasets import CIFAR10_DATA_STD, FASHION_STD, normalization
+    cfg = parse_config(PretrainConfig, "pretrain", [])
+    assert normalization(cfg)[1] == (0.2023, 0.1994, 0.2010) and cfg.feature_head_init == "torch"
+    assert CIFAR10_DATA_STD == (0.2470, 0.2435, 0.2616)
+    data = parse_config(PretrainConfig, "pretrain", ["--norm_std", "0.2470,0.2435,0.2616",
+                                                     "--feature_head_init", "xavier"])
+    assert normalization(data)[1] == CIFAR10_DATA_STD and data.feature_head_init == "xavier"
+    fashion = parse_config(PretrainConfig, "pretrain", ["--dataset", "fashion_mnist"])
+    assert normalization(fashion)[1] == FASHION_STD == (0.3530,)  # true statistics: no report precedent
+    cfg.resolve()  # the saved config holds the values, so a later default cannot change a run's meaning
+    assert (cfg.norm_mean, cfg.norm_std) == ("0.4914,0.4822,0.4465", "0.2023,0.1994,0.201")
+
+
+def test_a_run_from_before_the_std_default_is_evaluated_with_its_own_std(cifar_root, tmp_path, capsys):
+    """A checkpoint whose config left norm_std empty ran with the data's std (the default then):
+    the probe inherits that, not today's default."""
+    from util.checkpoint import RECORDED_SINCE
+    from dataio.datasets import CIFAR10_DATA_STD, stats_text
+    assert RECORDED_SINCE["cifar10", "norm_std"] == stats_text(CIFAR10_DATA_STD)
+    pre, probe = tmp_path / "pre", tmp_path / "probe"
+    run_main("main_pretrain", *smoke_args(cifar_root, pre, "--epochs", "1", "--warmup_epochs", "0"))
+    ckpt = torch.load(pre / "checkpoint-last.pth", weights_only=False)
+    assert ckpt["config"]["norm_std"] == "0.2023,0.1994,0.201"  # recorded, not ""
+    ckpt["config"]["norm_mean"] = ckpt["config"]["norm_std"] = ""  # as the older code wrote it
+    torch.save(ckpt, pre / "old.pth")
+    capsys.readouterr()
+    run_main("main_linprobe", *smoke_args(cifar_root, probe, "--finetune", pre / "old.pth",
+                                          "--epochs", "1", "--warmup_epochs", "0", "--cached_features"))
+    assert "norm_std 0.247,0.2435,0.2616 (from the pretraining run)" in capsys.readouterr().out
+    with open(probe / "config.yaml") as f:
+        saved = yaml.safe_load(f)
+    assert (saved["norm_mean"], saved["norm_std"]) == ("0.4914,0.4822,0.4465", "0.247,0.2435,0.2616")
+
+
 def test_probe_inherits_the_pretraining_normalisation(cifar_root, tmp_path, capsys):
     pre, probe = tmp_path / "pre", tmp_path / "probe"
     run_main("main_pretrain", *smoke_args(cifar_root, pre, "--epochs", "1", "--warmup_epochs", "0",

@@ -68,6 +68,8 @@ def load_checkpoint(path: str, kind: Optional[str] = None,
     missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
     if not missing:
         _check_entries(path, ckpt)
+        if isinstance(ckpt.get("config"), dict):
+            _fill_old_defaults(ckpt["config"])
         if check_weights:
             _check_finite(path, ckpt)
         return ckpt
@@ -85,6 +87,17 @@ def load_checkpoint(path: str, kind: Optional[str] = None,
 # before they exist)
 STATE_ENTRIES = ("model", "target", "target_slow")
 DAMAGED = "a damaged or hand-edited checkpoint"
+# What an empty value meant in a config written before the config recorded it: (dataset, key) ->
+# the default of that time. Runs before the report's CIFAR-10 std became the default
+# (dataio.datasets.CIFAR10_STD) normalised with the data's true std.
+RECORDED_SINCE = {("cifar10", "norm_std"): "0.247,0.2435,0.2616"}
+
+
+def _fill_old_defaults(config: Dict[str, Any]) -> None:
+    """Make an older run's config say what it ran with, in place (RECORDED_SINCE)."""
+    for (dataset, key), value in RECORDED_SINCE.items():
+        if config.get("dataset", "cifar10") == dataset and not config.get(key):
+            config[key] = value
 
 
 def _check_entries(path: str, ckpt: Dict[str, Any]) -> None:
