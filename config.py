@@ -24,7 +24,6 @@ import importlib
 import math
 import operator
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
@@ -32,7 +31,7 @@ from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tup
 import yaml
 
 from target_encoder import PixelTarget
-from util.errors import UserError
+from util.errors import ArgumentParser, UserError
 
 # The largest --seed: every seed derived from it (util.runtime.epoch_seed, for any realistic
 # epoch and rank) still fits the 64 bits torch.manual_seed takes.
@@ -213,7 +212,7 @@ class PretrainConfig(RunConfig):
     stage_reset: bool = opt(False, "re-initialise the student (weights and optimizer moments) whenever the "
                                    "target encoder is refreshed (dBOT's staged teachers: --target staged)")
     # Recipe details where the report's code, official MAE and an independent loop differ (issues 17
-    # and 27, docs/RESULTS.md section 3): each is an option; the default is the report's choice where
+    # and 27, docs/RESULTS.md section 4): each is an option; the default is the report's choice where
     # its code makes one (the feature head's init; CIFAR-10's std, dataio.datasets), else official MAE's.
     wd_norm_bias: bool = opt(False, "weight-decay every parameter (LayerNorm gains, biases, cls and mask "
                                     "tokens); default: matrices only, as official MAE")
@@ -430,12 +429,6 @@ def check_fields(cfg: Any, sources: Dict[str, str]) -> None:
 
 # ---- parsing ----------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 class _DuplicateKey(yaml.YAMLError):
     pass
 
@@ -540,7 +533,7 @@ def build_parser(cls: type, defaults: Dict[str, Any], prog: Optional[str] = None
     """The script's flags, one per field. A flag not given is absent from the parsed result
     (argparse.SUPPRESS), so `parse_config` knows which values the command line set;
     `defaults` (defaults < YAML) only appear in --help."""
-    parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0],
+    parser = ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0],
                      argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -573,7 +566,7 @@ def parse_config(cls: type, section: str, argv: Optional[List[str]] = None):
 
     Raises UserError (one line) on bad input, before the script does any work.
     """
-    pre = _Parser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
     values, sources = cls().to_dict(), {}

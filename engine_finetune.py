@@ -9,12 +9,31 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.optim import Lars, param_groups_layer_decay
 from timm.utils import accuracy
 
 from util import distributed as dist
 from util.checkpoint import atomic_write
 from util.runtime import autocast
 from util.trainer import Step
+
+
+# The two recipes' optimizers (MAE's): fine-tuning and the linear probe.
+def finetune_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay: each group carries an `lr_scale` the schedule applies."""
+    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay,
+                                      no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=cfg.layer_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda)
+
+
+def probe_optimizer(head: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """LARS on the head; the trust ratio adapts weight matrices only, not biases (as in MAE)."""
+    weights = [p for p in head.parameters() if p.ndim > 1]
+    others = [p for p in head.parameters() if p.ndim <= 1]
+    return Lars([{"params": weights, "always_adapt": True},
+                 {"params": others, "weight_decay": 0.0}],
+                lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()

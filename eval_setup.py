@@ -7,10 +7,11 @@ from typing import Optional
 
 import torch
 
-from models_vit import DEFAULT_MODEL, encoder_name_for
+from models_vit import DEFAULT_MODEL, encoder_name_for, load_pretrained_encoder, pretrained_encoder_state
 from util import distributed as dist
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
+from util.memory import check_step_fits
 from util.rundir import prepare_output_dir
 from util.runtime import resolve_device, resolve_precision
 
@@ -71,7 +72,8 @@ def run_name(start: Start, cfg, kind: str) -> str:
 
 def setup_eval_run(cfg, kind: str):
     """Everything fine-tuning and probing do before touching data: device (and torchrun),
-    seeding, where to start, the resolved config and a checked output directory.
+    seeding, where to start, the resolved config, a checked output directory, and whether one
+    step fits in memory (util/memory.py).
 
     Returns (device, start, own_ckpt).
     """
@@ -81,7 +83,19 @@ def setup_eval_run(cfg, kind: str):
     cfg.resolve(world_size=dist.world())
     cfg.precision = resolve_precision(cfg.precision, device, own["config"].get("precision") if own else None)
     prepare_output_dir(cfg, start.resume, own, write=dist.is_main())
+    check_step_fits(cfg, kind, device)
     return device, start, own
+
+
+def load_pretrained(model: torch.nn.Module, cfg, start: Start, own: Optional[dict], verb: str) -> None:
+    """A new run from a pretraining checkpoint: its encoder (cfg.checkpoint_key) into `model`,
+    said in one line ("`verb` MODEL from CKPT [key]: what loaded"). Nothing when the run continues
+    its own checkpoint (which holds every weight) or starts from scratch."""
+    if own is not None or start.init is None:
+        return
+    state = pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
+    report = load_pretrained_encoder(model, state, start.init, pretrained_on=start.init_ckpt["config"].get("dataset"))
+    print(f"{verb} {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
 
 
 def inherit_from_pretraining(cfg, pretrained: dict) -> None:

@@ -9,28 +9,18 @@
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay
 
 import models_vit
 from config import FinetuneConfig, parse_config
 from dataio.augment import finetune_transform
 from dataio.datasets import image_channels, load_splits, normalization
 from dataio.loader import build_eval_loader, build_train_loader
-from engine_finetune import Classification
-from eval_setup import setup_eval_run
+from engine_finetune import Classification, finetune_optimizer
+from eval_setup import load_pretrained, setup_eval_run
 from util import distributed as dist
 from util.errors import UserError, cli
-from util.memory import check_step_fits
 from util.runtime import speed_options
 from util.trainer import Run
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW with layer-wise lr decay: each group carries an `lr_scale` the schedule applies."""
-    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay,
-                                      no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=cfg.layer_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda)
 
 
 def build_criterion(cfg, num_classes: int):
@@ -49,7 +39,6 @@ def build_criterion(cfg, num_classes: int):
 def main(argv=None) -> None:
     cfg = parse_config(FinetuneConfig, "finetune", argv)
     device, start, own = setup_eval_run(cfg, "finetune")
-    check_step_fits(cfg, "finetune", device)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
 
@@ -59,18 +48,14 @@ def main(argv=None) -> None:
     model = models_vit.create_model(cfg.model, num_classes=num_classes, global_pool=cfg.global_pool,
                                     drop_path_rate=cfg.drop_path, img_size=cfg.input_size,
                                     in_chans=image_channels(train_x))
-    if own is None and start.init is not None:
-        state = models_vit.pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
-        report = models_vit.load_pretrained_encoder(model, state, start.init,
-                                                    pretrained_on=start.init_ckpt["config"].get("dataset"))
-        print(f"initialised {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
+    load_pretrained(model, cfg, start, own, "initialised")
     model.to(device)
 
     train_loader = build_train_loader(cfg, train_x, train_y, device, mean, std,
                                       finetune_transform(cfg, cfg.input_size, mean, std), resume=own)
     forward = torch.nn.parallel.DistributedDataParallel(model) if dist.world() > 1 else model
     mixup_fn, criterion = build_criterion(cfg, num_classes)
-    engine = Classification(cfg, "finetune", model, speed_options(forward, cfg, device), build_optimizer(model, cfg),
+    engine = Classification(cfg, "finetune", model, speed_options(forward, cfg, device), finetune_optimizer(model, cfg),
                             criterion, build_eval_loader(cfg, test_x, test_y, device, mean, std), mixup_fn,
                             extra={"init": start.init, "checkpoint_key": cfg.checkpoint_key})
     if own is not None:

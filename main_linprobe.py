@@ -5,7 +5,6 @@
     python main_linprobe.py --finetune CKPT --cached_features --knn   # fast path + kNN
 """
 import torch
-from timm.optim import Lars
 
 import models_vit
 from config import LinprobeConfig, parse_config
@@ -13,32 +12,18 @@ from dataio.augment import NO_AUGMENT, PROBE
 from dataio.datasets import image_channels, load_splits, normalization
 from dataio.loader import TensorLoader, build_eval_loader, build_train_loader
 from engine_eval import extract_features, knn_accuracy
-from engine_finetune import Classification
-from eval_setup import setup_eval_run
+from engine_finetune import Classification, probe_optimizer
+from eval_setup import load_pretrained, setup_eval_run
 from util import distributed as dist
 from util.errors import cli
-from util.memory import check_step_fits
 from util.runtime import speed_options
 from util.trainer import Run
-
-
-def build_optimizer(head: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """LARS on the head; the trust ratio adapts weight matrices only, not biases (as in MAE)."""
-    weights = [p for p in head.parameters() if p.ndim > 1]
-    others = [p for p in head.parameters() if p.ndim <= 1]
-    return Lars([{"params": weights, "always_adapt": True},
-                 {"params": others, "weight_decay": 0.0}],
-                lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
 def build_probe(cfg, start, own, num_classes: int, in_chans: int, device) -> models_vit.LinearProbe:
     """The frozen encoder at cfg.input_size (pretrained, or this run's own checkpoint) with a fresh head."""
     encoder = models_vit.create_model(cfg.model, num_classes=0, img_size=cfg.input_size, in_chans=in_chans)
-    if own is None and start.init is not None:
-        state = models_vit.pretrained_encoder_state(start.init_ckpt, cfg.checkpoint_key, start.init)
-        report = models_vit.load_pretrained_encoder(encoder, state, start.init,
-                                                    pretrained_on=start.init_ckpt["config"].get("dataset"))
-        print(f"probing {cfg.model} from {start.init} [{cfg.checkpoint_key}]: {report}")
+    load_pretrained(encoder, cfg, start, own, "probing")
     probe = models_vit.LinearProbe(encoder, num_classes, cfg.pool)
     if own is not None:
         probe.load_state_dict(own["model"])  # the encoder weights come back with the head
@@ -55,7 +40,6 @@ def cached_features(cfg, probe, train_x, train_y, test_loader, device, mean, std
 def main(argv=None) -> None:
     cfg = parse_config(LinprobeConfig, "linprobe", argv)
     device, start, own = setup_eval_run(cfg, "linprobe")
-    check_step_fits(cfg, "linprobe", device)
     train_x, train_y, test_x, test_y, num_classes = load_splits(cfg)
     mean, std = normalization(cfg)
     probe = build_probe(cfg, start, own, num_classes, image_channels(train_x), device)
@@ -80,7 +64,7 @@ def main(argv=None) -> None:
     if dist.world() > 1:  # DDP syncs only parameters that require grad: the head's
         model = torch.nn.parallel.DistributedDataParallel(model)
     engine = Classification(cfg, "linprobe", probe, speed_options(model, cfg, device),
-                            build_optimizer(probe.head, cfg), torch.nn.CrossEntropyLoss(), test_loader,
+                            probe_optimizer(probe.head, cfg), torch.nn.CrossEntropyLoss(), test_loader,
                             extra=extra)
     if own is not None:
         engine.load_state_dict(own)

@@ -9,60 +9,25 @@ Rerunning the same command with the same output directory resumes from checkpoin
 """
 import dataclasses
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from timm.optim import param_groups_weight_decay
 
 from config import PretrainConfig, parse_config
 from dataio.augment import PRETRAIN
-from dataio.datasets import image_channels, load_split, load_train, normalization
-from dataio.loader import build_eval_loader, build_train_loader
-from engine_eval import extract_features, knn_accuracy
-from engine_pretrain import Pretraining
-from models_mae import arch_of, create_model
-from models_vit import check_input_channels, pool_tokens
-from target_encoder import build_target
+from dataio.datasets import image_channels, load_train, normalization
+from dataio.loader import build_train_loader
+from engine_pretrain import build_engine
+from models_vit import check_input_channels
 from util import distributed as dist
 from util.checkpoint import load_checkpoint
 from util.errors import UserError, cli
 from util.memory import check_step_fits
 from util.rundir import prepare_output_dir
-from util.runtime import resolve_device, resolve_precision, speed_options
+from util.runtime import resolve_device, resolve_precision
 from util.trainer import Run, optimizer_steps
 
 RESUME_KEYS = ("model", "optimizer", "config", "epoch", "step")  # what continuing a run reads
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter, both heads included, from step 0. Weight decay on
-    matrices only (official MAE), or on everything with --wd_norm_bias."""
-    if cfg.wd_norm_bias:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
-    else:
-        groups = param_groups_weight_decay(
-            model, cfg.weight_decay,
-            no_weight_decay_list=("encoder.cls_token", "mask_token", "feature_decoder.mask_token"))
-    fused = next(model.parameters()).is_cuda  # one kernel for all tensors on CUDA
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
-
-
-def knn_monitor(model, cfg, device, mean, std, train_set) -> Callable[[], float]:
-    """kNN accuracy of the online encoder's frozen features, train set -> test set.
-
-    train_set: (images, labels, num_classes) as pretraining uses them (`load_split`); the test
-    split is loaded once here rather than at every evaluation.
-    """
-    images, labels, num_classes = train_set
-    sets = ((images, labels), load_split(cfg, train=False)[:2])
-
-    def run() -> float:
-        model.eval()
-        encode = lambda x: pool_tokens(model.encoder.forward_features(x), cfg.knn_pool)  # noqa: E731
-        (tr_f, tr_y), (te_f, te_y) = [extract_features(encode, build_eval_loader(cfg, x, y, device, mean, std))
-                                      for x, y in sets]
-        return knn_accuracy(tr_f, tr_y, te_f, te_y, num_classes, cfg.knn_k, cfg.knn_t)
-    return run
 
 
 def find_resume(cfg) -> Optional[str]:
@@ -71,25 +36,6 @@ def find_resume(cfg) -> Optional[str]:
         return cfg.resume
     last = os.path.join(cfg.output_dir, "checkpoint-last.pth")
     return last if os.path.isfile(last) else None
-
-
-def build_engine(cfg, device, train_set, mean, std, steps_per_epoch: int) -> Pretraining:
-    """The model at cfg.input_size, its optimizer, target and kNN monitor. train_set: (images,
-    labels, num_classes), images a uint8 array (N, H, W, C) or ImageFiles (`load_split`)."""
-    in_chans = image_channels(train_set[0])
-    target = build_target(cfg, steps_per_epoch=steps_per_epoch)
-    model = create_model(cfg.model, img_size=cfg.input_size, in_chans=in_chans,
-                         feature_head_init=cfg.feature_head_init, feature_decoder=cfg.feature_decoder,
-                         feature_dim=target.feature_dim(arch_of(cfg.model), in_chans)).to(device)
-    if cfg.target_layers > len(model.encoder.blocks):
-        raise UserError(f"target_layers {cfg.target_layers} exceeds the encoder depth {len(model.encoder.blocks)}")
-    forward = model
-    if dist.world() > 1:
-        # The head a phase does not use gets no gradient (pixel head after the switch, feature
-        # head before it), hence find_unused_parameters. The target encoder stays outside DDP.
-        forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    monitor = knn_monitor(model, cfg, device, mean, std, train_set) if cfg.knn_every and dist.is_main() else None
-    return Pretraining(cfg, model, speed_options(forward, cfg, device), build_optimizer(model, cfg), target, monitor)
 
 
 @cli

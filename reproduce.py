@@ -17,7 +17,7 @@ A stage whose run is complete (pretrain: log.txt reached the configured epochs; 
 probe: results.json with the configured epochs) is skipped; any other stage is simply rerun
 with the same command, and the scripts resume from their checkpoint-last.pth. A run file that is
 malformed (util/runfiles.py) fails that row and seed in one line. At the end the figures and
-results.md are written (results/figures.py) into report_figures/ (or --figures_dir).
+results.md are written (report_figures/figures.py) into report_figures/ (or --figures_dir).
 
 SIGTERM / SIGINT (kill, Ctrl-C, or the whole process group: scancel, `timeout`, systemd) are
 passed on to the running stage, which saves its checkpoint and exits; reproduce.py then exits
@@ -27,16 +27,16 @@ passed on to the running stage, which saves its checkpoint and exits; reproduce.
 
 The study plan (configs/study/NAME.yaml, ordered by configs/study/plan.yaml) runs pretrain -> linear probe on cached features + kNN
 on Fashion-MNIST with a small model and a 6,000-image training subset, about 30 min for 3 seeds on
-2 CPU cores; its table and figure (results/study.py) go to OUTPUT_ROOT (or --figures_dir).
+2 CPU cores; its table and figure (report_figures/study.py) go to OUTPUT_ROOT (or --figures_dir).
 
     python reproduce.py --plan schedule --seeds 3 --budgets 8 32 96   # issue 16: when do targets pay?
 
 The schedule plan runs the study's recipe for its rows (configs/schedule/) at every pretraining
 budget, into OUTPUT_ROOT/NAME/budgetB/seedS/{pretrain,linprobe[,finetune]}/, the epoch-counted options and tau
-scaled by results.schedule.scale_to_budget (the scaled values are flags, shown by --dry_run); the
+scaled by report_figures.schedule.scale_to_budget (the scaled values are flags, shown by --dry_run); the
 rows of plan.yaml's finetune_rows are also fine-tuned briefly at the longest budget, and a row
 without pretraining (scratch) runs once, at the longest budget. Its table (paired deltas vs pixel,
-and vs pixel at equal counted FLOPs and at equal wall-clock) and figure (results/schedule.py) go
+and vs pixel at equal counted FLOPs and at equal wall-clock) and figure (report_figures/schedule.py) go
 to OUTPUT_ROOT. --model swaps the study's smoke model for another registered MAE model (default
 output root then output/PLAN-MODEL).
 """
@@ -49,23 +49,18 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-from results.plans import (PLAN_NAMES, ROOT, plan_dir, plan_finetune_rows, plan_rows, read_yaml, row_config,
-                           uses_study_recipe)
-from results.recipe import (STUDY_DATA, STUDY_RECIPE, STUDY_SMOKE, STUDY_STAGES, check_study_flags,  # noqa: F401
-                            run_dir, study_args)
-from results.recipe import flags as _flags
+from report_figures.plans import (PLAN_NAMES, ROOT, plan_dir, plan_finetune_rows, plan_rows, row_config,
+                                  uses_study_recipe)
+from report_figures.recipe import (STAGES, STUDY_DATA, STUDY_STAGES, check_study_flags, run_dir,
+                                   stage_command)
+from report_figures.recipe import flags as _flags
 from util.errors import ArgumentParser, UserError, cli
 from util.runfiles import BadRunFile, read_json, read_log
 from util.signals import STOP_SIGNALS
 
-SMOKE = os.path.join("configs", "smoke.yaml")
-FULL_EVAL = {"finetune": os.path.join("configs", "finetune.yaml"),
-             "linprobe": os.path.join("configs", "linprobe.yaml")}
-SCRIPTS = {"pretrain": "main_pretrain.py", "finetune": "main_finetune.py", "linprobe": "main_linprobe.py"}
-STAGES = ("pretrain", "finetune", "linprobe")
 
 # Each plan's rows in table order (configs/PLAN/plan.yaml): the report's table, and the plans with
-# the study recipe (results/recipe.py: pretrain -> cached-feature linear probe + kNN only, on a
+# the study recipe (report_figures/recipe.py: pretrain -> cached-feature linear probe + kNN only, on a
 # small Fashion-MNIST recipe that fits a 2-core CPU): the improvement study, the ablation and the
 # schedule-length plan.
 PLANS: Dict[str, List[str]] = {plan: plan_rows(plan) for plan in PLAN_NAMES}
@@ -101,34 +96,6 @@ class Row:
 def _shared_flags(args) -> List[str]:
     """Flags reproduce.py hands to every stage unchanged."""
     return _flags({"device": args.device or None, "precision": args.precision or None})
-
-
-def stage_command(row: Row, stage: str, seed: int, args, budget: Optional[int] = None) -> List[str]:
-    """argv (without the interpreter) of one stage."""
-    if uses_study_recipe(row.plan):
-        return [SCRIPTS[stage]] + study_args(row, stage, seed, args, budget) + _shared_flags(args)
-    rdir = run_dir(args, row.name, seed)
-    out = os.path.join(rdir, stage)
-    cmd = [SCRIPTS[stage]]
-    if stage == "pretrain":
-        cmd += ["--config", row.config]
-        if args.scale == "smoke":
-            smoke = read_yaml(SMOKE)
-            vals = {k: v for k, v in smoke.items() if k not in STAGES}
-            for k, v in (smoke.get("pretrain") or {}).items():
-                # k / wse: the smoke value caps the row's (they must stay below the 2 epochs)
-                vals[k] = min(v, row.pretrain[k]) if k in row.pretrain and isinstance(v, int) else v
-            cmd += _flags(vals)
-    else:
-        cmd += ["--config", SMOKE if args.scale == "smoke" else FULL_EVAL[stage]]
-        if row.scratch:
-            cmd += ["--from_scratch"]
-        else:
-            cmd += ["--finetune", os.path.join(rdir, "pretrain", "checkpoint-last.pth")]
-    cmd += ["--output_dir", out, "--seed", str(seed)]
-    if args.data_path:
-        cmd += ["--data_path", args.data_path]
-    return cmd + _shared_flags(args)
 
 
 def configured_epochs(stage: str, argv: List[str]) -> int:
@@ -344,8 +311,8 @@ def run_row(row: Row, seed: int, args, budget: Optional[int] = None) -> Optional
 def write_outputs(args, names: List[str]) -> None:
     """The study's (or the schedule's) table and figure, or the report's figures and results.md."""
     if uses_study_recipe(args.plan):
-        from results.schedule import write_schedule
-        from results.study import write_study
+        from report_figures.schedule import write_schedule
+        from report_figures.study import write_study
         fig_dir = os.path.join(ROOT, _path_arg(args.figures_dir) if args.figures_dir else args.output_root)
         runs = os.path.join(ROOT, args.output_root)
         written = (write_schedule(runs, names, args.budgets, fig_dir, args.plan) if args.budgets
@@ -354,7 +321,7 @@ def write_outputs(args, names: List[str]) -> None:
             print(f.read())
         print(f"[reproduce] wrote {', '.join(os.path.relpath(w, ROOT) for w in written)}")
     elif not args.no_figures:
-        from results.figures import make_all
+        from report_figures.figures import make_all
         fig_dir = _path_arg(args.figures_dir) if args.figures_dir else "report_figures"
         written = make_all(os.path.join(ROOT, args.output_root), os.path.join(ROOT, fig_dir))
         print(f"[reproduce] wrote {len(written)} files to {fig_dir}")

@@ -14,7 +14,6 @@
     inside the run, compiled), then a rerun with one more epoch that must resume from the
     checkpoint. Fails (exit 1) if a loss is not finite, a checkpoint is missing or no resume.
 """
-import argparse
 import math
 import os
 import subprocess
@@ -29,18 +28,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import main_pretrain  # noqa: E402
+from engine_pretrain import build_engine  # noqa: E402
 from config import PretrainConfig  # noqa: E402
 from dataio.augment import PRETRAIN  # noqa: E402
 from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dataio.fake import make_images, write_fake_cifar10  # noqa: E402
 from dataio.loader import build_train_loader  # noqa: E402
 from target_encoder import EMATarget, PixelTarget, self_contained  # noqa: E402
-from util.flops import count_step_flops  # noqa: E402
+from report_figures.flops import count_step_flops  # noqa: E402
 from util.nonfinite import NonFiniteGuard  # noqa: E402
 from util.runfiles import BadRunFile, read_log  # noqa: E402
 from util.runtime import resolve_device, resolve_precision  # noqa: E402
 from util.trainer import Step  # noqa: E402
+from util.errors import ArgumentParser, cli  # noqa: E402
 
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets; --peak_tflops overrides.
@@ -73,7 +73,7 @@ def bench_target(name: str, scale: dict, device: torch.device, images, labels, o
     for compile_ in (False, True):  # eager: count FLOPs; compiled: time
         cfg = bench_config(name, scale, device, compile_ and device.type == "cuda", out)
         loader = build_train_loader(cfg, images, labels, device, CIFAR10_MEAN, CIFAR10_STD, PRETRAIN)
-        engine = main_pretrain.build_engine(cfg, device, train_set, CIFAR10_MEAN, CIFAR10_STD, len(loader))
+        engine = build_engine(cfg, device, train_set, CIFAR10_MEAN, CIFAR10_STD, len(loader))
         epoch = engine.target.switch_epoch or 0  # the feature phase when there is one
         batches, guard, k = iter(loader), NonFiniteGuard(), 0
         if not compile_:
@@ -152,8 +152,9 @@ def training(scale: dict, device: torch.device, out: str, compile_: bool) -> Lis
     return failures
 
 
+@cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="", help="work directory (default: a temporary one)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="dense bf16 peak (default: from the GPU name)")

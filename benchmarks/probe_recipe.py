@@ -19,6 +19,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from util.errors import ArgumentParser, cli  # noqa: E402
 DEFAULT_GRID = ["30:0.1", "100:0.1", "300:0.1", "100:1", "300:1", "100:5", "300:5"]
 
 
@@ -31,8 +33,9 @@ def parse_setting(text: str):
         raise argparse.ArgumentTypeError(f"expected EPOCHS:BLR, e.g. 300:5, got {text!r}")
 
 
+@cli
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--finetune", required=True, help="pretraining checkpoint")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data_path", default="./data")

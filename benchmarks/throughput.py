@@ -2,7 +2,7 @@
 precision comparison (every target: fp32 eager vs bf16 eager vs bf16 + torch.compile), fine-tuning
 step, feature extraction. Every number is images/s over `--steps` timed steps after `--warmup`
 untimed ones (compilation happens in the warm-up), with a device sync only at the two ends of the
-timed region. Pretraining rows time the project's own step: main_pretrain.build_engine ->
+timed region. Pretraining rows time the project's own step: engine_pretrain.build_engine ->
 engine_pretrain.Pretraining.train_step.
 
     python benchmarks/throughput.py                        # auto device: every bench on CUDA, quick ones on CPU
@@ -10,7 +10,6 @@ engine_pretrain.Pretraining.train_step.
     python benchmarks/throughput.py --device cuda --compile --batch_size 512
     python benchmarks/throughput.py --bench precision      # fp32 / bf16 / bf16+compile ratios only
 """
-import argparse
 import itertools
 import json
 import os
@@ -22,13 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main_finetune  # noqa: E402
-import main_pretrain  # noqa: E402
 import models_vit  # noqa: E402
 from models_mae import create_model  # noqa: E402
 from target_encoder import HEADLINE_KINDS, self_contained  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 from dataio.augment import PRETRAIN, finetune_transform  # noqa: E402
+from engine_finetune import finetune_optimizer  # noqa: E402
+from engine_pretrain import build_engine  # noqa: E402
 from config import FinetuneConfig, PretrainConfig  # noqa: E402
 from dataio.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dataio.in_memory import InMemoryLoader  # noqa: E402
@@ -36,6 +35,7 @@ from dataio.loader import TorchvisionLoader, build_train_loader  # noqa: E402
 from util.nonfinite import NonFiniteGuard  # noqa: E402
 from util.runtime import PRECISIONS, autocast, resolve_device, resolve_precision, speed_options  # noqa: E402
 from util.trainer import Step  # noqa: E402
+from util.errors import ArgumentParser, cli  # noqa: E402
 
 EPOCH_IMAGES = 50_000  # CIFAR-10 train set
 BENCHES = ("data", "pretrain", "precision", "finetune", "features")  # --bench choices, in run order
@@ -111,13 +111,13 @@ def pretrain_config(args, device, kind: str, precision: str, compile_: bool, dat
 
 
 def engine_step(cfg, images, labels, device, steps_per_epoch: int):
-    """The project's own pretraining step for `cfg`: main_pretrain.build_engine, then
+    """The project's own pretraining step for `cfg`: build_engine, then
     Pretraining.train_step at the target's first feature epoch (pixel: epoch 0), where the
     target encoder exists and its pass is part of the step. Returns (engine, step(batch))."""
     if cfg.compile:
         torch._dynamo.reset()  # fresh graphs per measured variant: never the recompile limit's eager fallback
     torch.manual_seed(0)
-    engine = main_pretrain.build_engine(cfg, device, (images, labels, 10), CIFAR10_MEAN, CIFAR10_STD,
+    engine = build_engine(cfg, device, (images, labels, 10), CIFAR10_MEAN, CIFAR10_STD,
                                         steps_per_epoch)
     epoch = engine.target.switch_epoch or 0
     engine.begin_epoch(epoch, resumed=False)  # creates the target encoder (and compiles it with --compile)
@@ -200,7 +200,7 @@ def bench_finetune(images, args, device, loader_workers=None):
     model = models_vit.create_model(cfg.model, global_pool=cfg.global_pool,
                                     drop_path_rate=cfg.drop_path).to(device).train()
     forward = speed_options(model, cfg, device)
-    optimizer = main_finetune.build_optimizer(model, cfg)
+    optimizer = finetune_optimizer(model, cfg)
     criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
 
     def step(batch):
@@ -260,7 +260,7 @@ def dtype_of(precision: str, device: torch.device) -> str:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--model", default="mae_vit_tiny_patch4", help="models_mae name (mae_vit_smoke_patch4: fast)")
     p.add_argument("--batch_size", type=int, default=None, help="default 64 on CPU, 512 on CUDA")
@@ -340,6 +340,7 @@ def print_table(rows, args) -> None:
                   f"= {r['s_per_50k_epoch']:.1f} s per 50k-image epoch")
 
 
+@cli
 def main(argv=None):
     """Run the benchmarks --bench names, print the table, write --json; returns the rows."""
     args = parse(argv)

@@ -4,12 +4,12 @@ For tests and for checking an install offline:
     python -m dataio.fake data_fake --per_batch 64
 Each class has its own colour and stripe orientation, so the images are learnable.
 """
-import argparse
 import os
 import pickle
 from typing import Sequence
 
 import numpy as np
+from util.errors import ArgumentParser, cli
 
 
 def _class_image(c: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
@@ -96,8 +96,9 @@ def write_fake_image_folder(root: str, n_per_class: int = 12, classes: Sequence[
     return root
 
 
+@cli
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root")
     p.add_argument("--per_batch", type=int, default=64, help="images per training batch file (5 files)")
     p.add_argument("--test_size", type=int, default=128)

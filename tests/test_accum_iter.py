@@ -14,7 +14,7 @@ import signal
 import pytest
 import torch
 
-import main_pretrain
+import engine_pretrain
 import models_vit
 from conftest import run_main, smoke_args, sigterm_during
 from config import FinetuneConfig, PretrainConfig
@@ -94,7 +94,7 @@ def pretrain(data, tmp_path, name, sizes, accum, optimizer="sgd", **options):
     os.makedirs(cfg.output_dir, exist_ok=True)
     loader = FixedLoader(x, y, sizes)
     torch.manual_seed(0)  # the same initial weights in every run
-    engine = main_pretrain.build_engine(cfg, CPU, (images, y.numpy(), 10), MEAN, STD,
+    engine = engine_pretrain.build_engine(cfg, CPU, (images, y.numpy(), 10), MEAN, STD,
                                         optimizer_steps(len(loader), accum))
     if optimizer == "sgd":
         engine.optimizer = sgd(engine.model, cfg)

@@ -1,10 +1,10 @@
-"""results/compare.py: two output roots of the same study rows, paired over the seeds both have,
+"""report_figures/compare.py: two output roots of the same study rows, paired over the seeds both have,
 with the config keys that differ between them."""
 import json
 
 import pytest
 
-from results.compare import compare_roots, compare_table, config_differences, main
+from report_figures.compare import compare_roots, compare_table, config_differences, main
 
 
 def _put(root, row, seed, best, knn, seconds=None, precision="fp32", loss=0.5):

@@ -8,7 +8,7 @@ import torch
 
 import models_vit
 from conftest import run_main, smoke_args
-from main_finetune import build_optimizer as ft_optimizer
+from engine_finetune import finetune_optimizer as ft_optimizer
 from engine_eval import knn_accuracy
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import models_vit
 from conftest import run_main, smoke_args
-from export_weights import FILES, export_encoders
+from util.export import FILES, export_encoders
 from models_arch import ARCHS
 from models_mae import MAEEncoder, create_model
 from util.errors import UserError

@@ -1,11 +1,11 @@
-"""Counted pretraining compute (util/flops.py, results/flops.py): what the schedule plan's
+"""Counted pretraining compute (util/flops.py, report_figures/flops.py): what the schedule plan's
 equal-FLOPs comparison and gpu_check's MFU rest on."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models_mae import create_model
-from results.flops import COUNT_BATCH, pretrain_flops, step_flops
+from report_figures.flops import COUNT_BATCH, pretrain_flops, step_flops
 
 BATCH = 2 * COUNT_BATCH  # counted on COUNT_BATCH images and scaled: the check below holds only if that is exact
 BASE = dict(model="mae_vit_smoke_patch4", dataset="fashion_mnist", batch_size=BATCH, epochs=3, warmup_epochs=1,

@@ -183,7 +183,7 @@ def test_compiled_run_of_each_new_kind(kind, random_run, cifar_root, tmp_path):
 
 def test_feature_similarity_of_a_hog_run_is_computed(cifar_root, tmp_path):
     """The report's figure of target similarity reads any kind's target (no teacher network)."""
-    from results.model_figures import feature_similarity_figure
+    from report_figures.model_figures import feature_similarity_figure
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--target", "hog", "--precision", "fp32",
                                           "--epochs", 1, "--warmup_epochs", 0))
     sim = feature_similarity_figure(str(tmp_path / "checkpoint-last.pth"), str(tmp_path / "sim.png"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-import main_pretrain
+import engine_pretrain
 import util.runtime
 import util.trainer
 from conftest import kind_options, run_main, smoke_args
@@ -43,7 +43,7 @@ def test_bf16_pretraining_step_learns_for_every_target(name, tmp_path, teacher_f
                          **kind_options(name, teacher_file))
     cfg.resolve()
     images = np.zeros((16, 32, 32, 3), np.uint8)
-    engine = main_pretrain.build_engine(cfg, CPU, (images, np.zeros(16, np.int64), 10), (0.5,) * 3, (0.25,) * 3, 1)
+    engine = engine_pretrain.build_engine(cfg, CPU, (images, np.zeros(16, np.int64), 10), (0.5,) * 3, (0.25,) * 3, 1)
     epoch = engine.target.switch_epoch or 0
     real_loss, dtypes = engine.target.loss, set()
 

@@ -2,7 +2,6 @@
 differently: --wd_norm_bias, --norm_mean/--norm_std, --crop_interpolation bilinear_uint8,
 --feature_head_init torch; the target health signal (effective rank); the ablation plan."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from config import SECTIONS, PretrainConfig, parse_config
 from conftest import ROOT, run_main, smoke_args
 from dataio.augment import Augment
 from dataio.in_memory import crop_resize
-from main_pretrain import build_optimizer
+from engine_pretrain import build_optimizer
 from models_mae import create_model
 from target_encoder import token_health
 from util.errors import UserError

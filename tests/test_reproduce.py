@@ -18,14 +18,15 @@ import pytest
 import torch
 
 import reproduce
+from report_figures.recipe import SCRIPTS
 from conftest import ROOT, run_main, run_stage_in_process
 from config import SECTIONS, parse_config
 from dataio.fake import write_fake_fashion_mnist
-from results.figures import FIGURES
+from report_figures.figures import FIGURES
 from util.runfiles import read_log
 
 ROWS = ["scratch", "pixel", "ema_wse5"]
-SCRIPT_STAGE = {v: k for k, v in reproduce.SCRIPTS.items()}
+SCRIPT_STAGE = {v: k for k, v in SCRIPTS.items()}
 
 
 def _log(path):

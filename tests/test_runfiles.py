@@ -1,6 +1,6 @@
 """util/runfiles.py, the one reader of run directories, and its rule for malformed files: the trainer
 drops a cut-off last log line (and its rewind repairs it); the readers of finished runs
-(results/compare.py, report_figures/make_figures.py) skip a seed with any malformed file, saying so
+(report_figures/compare.py, report_figures/make_figures.py) skip a seed with any malformed file, saying so
 in one line, and refuse in one line (exit 2) when no seed is left."""
 import json
 import os
@@ -82,7 +82,7 @@ def _make_figures(*argv):
 
 
 def _compare(*argv):
-    from results.compare import main
+    from report_figures.compare import main
     main(list(map(str, argv)))
 
 

@@ -1,6 +1,6 @@
 """reproduce.py --plan schedule (issue 16 section 1): every row at every budget, its epoch-counted
-options scaled by results.schedule.scale_to_budget; the table's paired deltas and its comparison
-with pixel at equal wall-clock (results/schedule.py)."""
+options scaled by report_figures.schedule.scale_to_budget; the table's paired deltas and its comparison
+with pixel at equal wall-clock (report_figures/schedule.py)."""
 import contextlib
 import io
 import json
@@ -15,15 +15,15 @@ import reproduce
 from conftest import ROOT, run_stage_in_process
 from config import SECTIONS, parse_config
 from dataio.fake import write_fake_fashion_mnist
-from results.recipe import STUDY_RECIPE
-from results.plans import plan_finetune_rows
-from results.schedule import (budget_at_cost, collect_schedule, interp_log_budget, plotted_budgets,
+from report_figures.recipe import SCRIPTS, STUDY_RECIPE
+from report_figures.plans import plan_finetune_rows
+from report_figures.schedule import (budget_at_cost, collect_schedule, interp_log_budget, plotted_budgets,
                               scale_to_budget, schedule_table)
-from results.study import references
+from report_figures.study import references
 
 PLAN = reproduce.PLANS["schedule"]
 REF = references("schedule")[0]  # pixel MAE
-STAGE_OF = {v: k for k, v in reproduce.SCRIPTS.items()}
+STAGE_OF = {v: k for k, v in SCRIPTS.items()}
 
 
 def _dry_run(*argv):
@@ -310,3 +310,26 @@ def test_paired_deltas_and_equal_wall_clock(tmp_path):
     # pixel alone at 128, asked for: a table line, but no point (nor x tick) in the figure
     st = collect_schedule(str(tmp_path), [REF, "ema"], [8, 32, 128], REF)
     assert list(st[REF]) == [8, 32, 128] and plotted_budgets(st, REF) == [8, 32]
+
+
+def test_controls_table_pairs_each_row_with_pixel_and_the_random_teacher(tmp_path, capsys):
+    """report_figures/controls.py (RESULTS section 7): Δ vs pixel and vs random, paired by seed at
+    the same budget; "beats" needs both metrics beyond 2 paired std over 3 seeds."""
+    from report_figures import controls
+    for seed in range(3):
+        _put(tmp_path, "pixel", 32, seed, 70.0 + seed, 60.0, 100.0)
+        _put(tmp_path, "random", 32, seed, 71.0 + seed, 61.0 + seed, 100.0)
+        _put(tmp_path, "mae_k", 32, seed, 73.0 + seed + 0.1 * seed, 64.0 + 1.1 * seed, 100.0)  # well ahead
+        _put(tmp_path, "hog", 32, seed, 71.0 + seed + (0.5 if seed else -0.5), 61.0 + seed, 100.0)  # level
+    stats = controls.collect_controls(str(tmp_path), ["mae_k", "hog"], [32])
+    mk, hog = stats[32]["mae_k"], stats[32]["hog"]
+    assert mk["d_pixel_best_acc1"][0] == pytest.approx(3.1) and mk["d_random_best_acc1"][0] == pytest.approx(2.1)
+    assert controls.beats(mk, "pixel") and controls.beats(mk, "random")
+    assert not controls.beats(hog, "random") and hog["d_random_knn_acc"][:2] == (0.0, 0.0)
+    lines = controls.controls_table(stats, ["pixel", "random", "mae_k", "hog"]).splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["pixel", "random", "mae_k", "hog"]
+    assert [line.split("|")[-2].strip() for line in lines[2:]] == ["-", "-", "yes", "no"]
+    assert "+2.10 ± 0.10" in lines[4]  # mae_k - random, probe: 2.0, 2.1, 2.2
+    with pytest.raises(SystemExit):  # nothing finished at 64: one line, exit 2
+        controls.main([str(tmp_path), "--budgets", "64", "--rows", "mae_k"])
+    assert "no finished probe" in capsys.readouterr().err

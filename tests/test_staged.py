@@ -6,7 +6,7 @@ import torch
 
 from config import PretrainConfig
 from conftest import run_main, smoke_args
-from main_pretrain import build_optimizer
+from engine_pretrain import build_optimizer
 from models_mae import create_model
 from target_encoder import build_target
 

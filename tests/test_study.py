@@ -9,6 +9,7 @@ import shlex
 import pytest
 
 import reproduce
+from report_figures.recipe import SCRIPTS
 from conftest import ROOT, run_stage_in_process
 from config import SECTIONS, parse_config
 from dataio.fake import write_fake_fashion_mnist
@@ -65,7 +66,7 @@ def test_study_commands_parse(scale, monkeypatch, tmp_path):
     names = reproduce.PLANS["study"]
     assert len(cmds) == 2 * (2 * len(names) - 1)  # scratch has only the probe
     monkeypatch.chdir(ROOT)
-    stage_of = {v: k for k, v in reproduce.SCRIPTS.items()}
+    stage_of = {v: k for k, v in SCRIPTS.items()}
     for c in cmds:
         stage = stage_of[c[1]]
         assert stage in ("pretrain", "linprobe")
@@ -100,8 +101,8 @@ def test_pretrain_improved_preset_is_the_best_schedule_row():
     """configs/pretrain_improved.yaml is the schedule study's best row at its longest budget
     (docs/RESULTS.md section 6: mae_k at 64 epochs), with its epoch-counted options scaled by the
     study's own rule to the preset's 200 epochs (K = a quarter of the budget)."""
-    from results.recipe import STUDY_RECIPE
-    from results.schedule import scale_to_budget
+    from report_figures.recipe import STUDY_RECIPE
+    from report_figures.schedule import scale_to_budget
     best, preset = _preset_options("schedule", "mae_k.yaml"), _preset_options("pretrain_improved.yaml")
     _assert_same_switches(best, preset)
     scaled = scale_to_budget(best, preset["epochs"], STUDY_RECIPE["pretrain"])
@@ -128,7 +129,7 @@ def test_study_default_data_path():
 
 def test_study_stats_are_paired_over_seeds(tmp_path):
     """Δ vs pixel is the mean +- std of per-seed differences, not a difference of means."""
-    from results.study import collect_study, study_table
+    from report_figures.study import collect_study, study_table
 
     def put(row, seed, best, knn, tstd=None):
         d = tmp_path / row / f"seed{seed}"

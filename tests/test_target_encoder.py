@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from config import PretrainConfig
-from main_pretrain import build_optimizer
+from engine_pretrain import build_optimizer
 from models_mae import create_model
 from target_encoder import build_target, pixel_target
 

@@ -35,7 +35,7 @@ import torch
 
 # free_memory: the in-memory data check's reader, one for both; _bytes: its units, so both refusals read alike
 from dataio.datasets import IMAGE_SIZE, _bytes, free_memory, image_folder_files
-from models_arch import ARCHS, Arch
+from models_arch import ARCHS
 from util.errors import UserError
 
 FP32 = 4

@@ -10,7 +10,7 @@ The rule for malformed files, the same in every tool:
   left by a run killed while appending it. The trainer's rewind then rewrites the log from the
   checkpoint. Anything else malformed stops them: the script with one line and exit 2, reproduce.py
   that row and seed (a failed stage, in one line).
-- Readers of finished runs (the results tables and figures, results/compare.py,
+- Readers of finished runs (the results tables and figures, report_figures/compare.py,
   report_figures/make_figures.py) drop nothing: a seed with a malformed file, a cut-off last line
   included, is skipped, said in one line on stderr (`skip_seed`), and the rest is made from the
   other seeds. With no seed left, compare.py and make_figures.py refuse in one line, exit 2.

@@ -1,10 +1,10 @@
 """Figures and results table of the report reproduction, from run directories only.
 
     python report_figures/make_figures.py --runs output/report [--out report_figures] [--no_models]
-    python -m results.figures --runs output/report                     (the same)
+    python -m report_figures.figures --runs output/report                     (the same)
 
 Reads RUNS/NAME/seedS/{pretrain,finetune,linprobe}/ (log.txt, results.json, config.yaml) as
-written by reproduce.py (results/runs.py; a seed with a malformed file is left out, said in one
+written by reproduce.py (report_figures/runs.py; a seed with a malformed file is left out, said in one
 line on stderr: util/runfiles.py) and writes into OUT:
     finetune_curves.png   fine-tune test acc@1 per epoch, best row of each family
     linprobe_curves.png   linear-probe test acc@1 per epoch, best row of each family
@@ -14,7 +14,7 @@ line on stderr: util/runfiles.py) and writes into OUT:
     pretrain_loss.png     pretraining loss per epoch, target refreshes marked
     results.md            every row: best/last acc (mean +- std over seeds), the report's number, command
     results.json          the same numbers, machine-readable
-and, unless --no_models, from each row's seed-0 pretraining checkpoint (results/model_figures.py):
+and, unless --no_models, from each row's seed-0 pretraining checkpoint (report_figures/model_figures.py):
     recon_NAME.png        without a target encoder: original / masked / reconstruction (pixel head)
     featsim_NAME.png      with one: per-patch cosine similarity, target vs feature-head prediction
 The rows' order, the report's numbers and the baseline come from configs/report/plan.yaml.
@@ -22,11 +22,11 @@ The rows' order, the report's numbers and the baseline come from configs/report/
 import os
 from typing import List
 
-from results.model_figures import feature_similarity_figure, reconstruction_figure
-from results.plans import load_plan
-from results.plots import SWEEPS, plot_curves, plot_pretrain_loss, plot_sweep
-from results.runs import collect, first_seed
-from results.tables import write_results
+from report_figures.model_figures import feature_similarity_figure, reconstruction_figure
+from report_figures.plans import load_plan
+from report_figures.plots import SWEEPS, plot_curves, plot_pretrain_loss, plot_sweep
+from report_figures.runs import collect, first_seed
+from report_figures.tables import write_results
 from util.errors import ArgumentParser, UserError, cli
 
 FIGURES = ("finetune_curves.png", "linprobe_curves.png", *(f"sweep_{s[0]}.png" for s in SWEEPS),

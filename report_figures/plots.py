@@ -1,9 +1,9 @@
-"""The report's plots from collected rows (results.runs.collect): accuracy curves, sweeps,
+"""The report's plots from collected rows (report_figures.runs.collect): accuracy curves, sweeps,
 pretraining loss."""
 from typing import Callable, Dict, Optional
 
-from results.plans import SCRATCH
-from results.runs import first_seed, mean_std, summarize
+from report_figures.plans import SCRATCH
+from report_figures.runs import first_seed, mean_std, summarize
 from target_encoder import TARGETS, EMATarget, MAEKTarget
 
 # (parameter on the x axis, which rows (by their nominal options), title, log x axis)

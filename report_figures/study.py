@@ -12,8 +12,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from results.plans import SCRATCH, load_plan
-from results.runs import mean_std, read_seed, seed_dirs
+from report_figures.plans import SCRATCH, load_plan
+from report_figures.runs import mean_std, read_seed, seed_dirs
 
 METRICS = ("best_acc1", "last_acc1", "knn_acc")
 DELTAS = ("best_acc1", "knn_acc")
@@ -24,7 +24,7 @@ HEALTH = ("target_std", "pred_std", "target_erank")
 LOSS = "pretrain_loss"
 # Pretraining wall-clock: the sum of the epochs' "seconds" in pretrain/log.txt (training loop only).
 COST = "pretrain_seconds"
-# Pretraining compute, counted (results/flops.py): the schedule plan's machine-independent cost.
+# Pretraining compute, counted (report_figures/flops.py): the schedule plan's machine-independent cost.
 FLOPS = "pretrain_flops"
 # The short fine-tuning's (plan.yaml's finetune_rows) last-epoch test acc@1: the last epoch, not the
 # best, so that no choice is made on the test set.
@@ -123,7 +123,7 @@ def finetune_columns(stats: Dict[str, dict], ref: str):
 
 def plot_study(stats: Dict[str, dict], path: str, baseline: str) -> None:
     """Two panels (probe best acc@1, kNN acc): a bar per row, std over seeds, `baseline` dashed."""
-    from results.plots import pyplot  # here: results.plots imports torch, the dry run needs none
+    from report_figures.plots import pyplot  # here: report_figures.plots imports torch, the dry run needs none
     plt = pyplot()
     names = list(stats)
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)

@@ -20,8 +20,8 @@ import math
 import os
 from typing import Dict, List, Optional
 
-from results.runs import mean_std
-from results.study import COST, DELTAS, FLOPS, cell, collect_study, finetune_columns, references
+from report_figures.runs import mean_std
+from report_figures.study import COST, DELTAS, FLOPS, cell, collect_study, finetune_columns, references
 from util.runfiles import read_log, read_yaml
 
 # Options counted in epochs: scaled linearly with the budget. A new epoch-counted option of a row
@@ -45,7 +45,7 @@ def scale_to_budget(options: Dict[str, object], budget: int, base: Dict[str, obj
     """The pretraining values of one row at a budget of `budget` epochs.
 
     options: the row's pretrain options (configs/schedule/ROW.yaml), written for the recipe `base`
-    (results.recipe.STUDY_RECIPE["pretrain"]: base["epochs"] = 8 epochs, 2 of them warm-up).
+    (report_figures.recipe.STUDY_RECIPE["pretrain"]: base["epochs"] = 8 epochs, 2 of them warm-up).
     - epochs: the budget.
     - EPOCH_OPTIONS (the row's value, else the recipe's): value * B / 8, rounded half up, at least 1
       (0 stays 0). Budget 32: warm-up 8, wse 8, k 8, feature_ramp 8.
@@ -128,9 +128,9 @@ def _equal_cost(row: dict, at_budget: Dict[int, dict], ref: str, budget: int, co
 
 
 def _add_flops(stats: Dict[str, dict], runs_root: str, budget: int) -> None:
-    """Each run's pretraining FLOPs (results.flops) into collect_study's stats of one budget (its
+    """Each run's pretraining FLOPs (report_figures.flops) into collect_study's stats of one budget (its
     seeds' files were read, and found well-formed, by collect_study)."""
-    from results.flops import pretrain_flops  # here: it builds models (torch); a dry run needs none
+    from report_figures.flops import pretrain_flops  # here: it builds models (torch); a dry run needs none
     for name, row in stats.items():
         for seed, vals in row["seeds"].items():
             d = os.path.join(runs_root, name, budget_dir(budget), f"seed{seed}", "pretrain")
@@ -205,14 +205,14 @@ the seed fixes initialisation, data order and masks), mean ± std of the per-see
 *pretrain min*: pretraining wall-clock (sum of the epochs' `seconds` in pretrain/log.txt: the
 training loop, without start-up and the probe); it depends on what else the machine ran at the
 time. *pretrain TFLOP*: pretraining compute counted by torch.utils.flop_counter on the engine's own
-step (results/flops.py: matmuls and convolutions, forward + backward, target pass included),
+step (report_figures/flops.py: matmuls and convolutions, forward + backward, target pass included),
 independent of the machine. *vs {ref}*: the ratio to {ref}'s at the same budget. *{ref} epochs at
 equal FLOPs*: the {ref} budget of the same compute. *Δ at equal wall-clock / FLOPs*: the row minus
 {ref} at the budget of the same cost, an **interpolation**, not a run: {ref}'s probe / kNN linear in
 log-budget between its two measured budgets around it, per seed (Δ paired over seeds); '-' outside
 {ref}'s measured budgets (not extrapolated: run {ref} at a longer budget to cover it).
 *fine-tune acc@1*: the short fine-tuning of plan.yaml's finetune_rows
-(results.recipe.STUDY_RECIPE["finetune"], the same for every row), run at the longest budget:
+(report_figures.recipe.STUDY_RECIPE["finetune"], the same for every row), run at the longest budget:
 last-epoch test acc@1, Δ paired over seeds.
 """
 
@@ -227,7 +227,7 @@ def plotted_budgets(stats: Dict[str, dict], ref: str) -> List[int]:
 def plot_schedule(stats: Dict[str, dict], path: str, ref: str) -> None:
     """Two panels (probe, kNN): Δ vs ref against the budget (log x), a line per row, error bars =
     paired std over seeds; dotted, same colour: Δ vs ref at equal FLOPs (interpolated)."""
-    from results.plots import pyplot  # here: results.plots imports torch, the dry run needs none
+    from report_figures.plots import pyplot  # here: report_figures.plots imports torch, the dry run needs none
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     # rows without pretraining (scratch: tens of points below) would squash the axis; the table has them

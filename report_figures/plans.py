@@ -28,7 +28,7 @@ def load_plan(plan: str) -> Dict[str, Any]:
 
 def uses_study_recipe(plan: str) -> bool:
     """Plans with `recipe: study` run the study's pretrain -> cached probe + kNN on Fashion-MNIST
-    (results.recipe.STUDY_RECIPE) and its table; the others the report's three stages."""
+    (report_figures.recipe.STUDY_RECIPE) and its table; the others the report's three stages."""
     return load_plan(plan).get("recipe") == "study"
 
 
@@ -44,7 +44,7 @@ def plan_rows(plan: str) -> List[str]:
 
 def plan_finetune_rows(plan: str) -> List[str]:
     """The rows of a study-recipe plan that are also fine-tuned briefly (`finetune_rows:` in
-    plan.yaml; recipe: results.recipe.STUDY_RECIPE["finetune"]); in a plan with budgets, at the
+    plan.yaml; recipe: report_figures.recipe.STUDY_RECIPE["finetune"]); in a plan with budgets, at the
     longest budget only. [] when the plan has none."""
     return list(load_plan(plan).get("finetune_rows") or [])
 

@@ -6,7 +6,7 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
-from results.plans import plan_rows, row_config, row_family
+from report_figures.plans import plan_rows, row_config, row_family
 from util.runfiles import BadRunFile, read_json, read_run, skip_seed
 
 STAGES = ("pretrain", "finetune", "linprobe")

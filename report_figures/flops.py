@@ -1,10 +1,10 @@
 """Pretraining compute of a run in FLOPs, for the schedule plan's equal-compute comparison
-(results/schedule.py): a run's wall-clock on a shared machine depends on what else ran, its FLOPs
+(report_figures/schedule.py): a run's wall-clock on a shared machine depends on what else ran, its FLOPs
 do not.
 
 pretrain_flops(config, log) = the sum over the logged epochs of (batches in the epoch) x (FLOPs of
 one step in that epoch's phase: pixel, or features once the target switched), each phase's step
-counted once by util.flops.count_step_flops on random images of the run's shape, on the CPU.
+counted once by count_step_flops on random images of the run's shape, on the CPU.
 """
 import dataclasses
 import json
@@ -13,13 +13,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from config import PretrainConfig
+from engine_pretrain import build_engine
 from dataio.augment import PRETRAIN
 from dataio.datasets import normalization
 from dataio.loader import build_train_loader
 from target_encoder import PIXEL_HEAD
-from util.flops import count_step_flops
+from util.nonfinite import NonFiniteGuard
+from util.trainer import Step
 
 # what the step's FLOPs cannot depend on: left out of the cache key, so seeds share one count
 _NOT_COST = ("seed", "output_dir", "resume", "data_path", "config", "print_freq", "save_freq")
@@ -28,13 +31,23 @@ COUNT_BATCH = 8
 _cache: Dict[str, float] = {}
 
 
+def count_step_flops(engine, batch, epoch: int) -> int:
+    """FLOPs of engine.train_step(batch) in epoch `epoch`'s phase (engine.begin_epoch(epoch) runs
+    first: the target that epoch regresses, e.g. the EMA teacher created at the switch). Counts
+    matmuls and convolutions (what flop_counter knows), forward + backward; the optimizer and
+    EMA updates are elementwise and not counted. The step does update the model's weights."""
+    engine.begin_epoch(epoch, resumed=False)
+    with FlopCounterMode(display=False) as counter:
+        engine.train_step(batch, Step(epoch, 1, 1, NonFiniteGuard()))
+    return int(counter.get_total_flops())
+
+
 def step_flops(config: dict, epoch: int) -> float:
     """FLOPs of one pretraining step (the run's batch) of the run whose config.yaml is `config`,
     in epoch `epoch`'s phase: counted on COUNT_BATCH random images (fp32 eager on the CPU, no kNN
     monitor) and scaled to the run's batch."""
     key = json.dumps({k: v for k, v in sorted(config.items()) if k not in _NOT_COST} | {"@epoch": epoch})
     if key not in _cache:
-        import main_pretrain  # here: it imports the whole training stack
         fields = {f.name for f in dataclasses.fields(PretrainConfig)}
         cfg = PretrainConfig(**{k: v for k, v in config.items() if k in fields})
         batch, cfg.batch_size = cfg.batch_size, min(cfg.batch_size, COUNT_BATCH)
@@ -48,7 +61,7 @@ def step_flops(config: dict, epoch: int) -> float:
             labels = np.zeros(cfg.batch_size, dtype=np.int64)
             device = torch.device("cpu")
             loader = build_train_loader(cfg, images, labels, device, mean, std, PRETRAIN)
-            engine = main_pretrain.build_engine(cfg, device, (images, labels, 10), mean, std, len(loader))
+            engine = build_engine(cfg, device, (images, labels, 10), mean, std, len(loader))
             _cache[key] = count_step_flops(engine, next(iter(loader)), epoch) * batch / cfg.batch_size
     return _cache[key]
 

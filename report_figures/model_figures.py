@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from results.plots import pyplot
+from report_figures.plots import pyplot
 from target_encoder import FEATURE_HEAD, PIXEL_HEAD, build_target
 
 

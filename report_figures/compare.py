@@ -1,9 +1,9 @@
 """Two runs of the same study rows side by side, paired over seeds: one setting changed (e.g.
 `--precision bf16` against fp32), everything else equal.
 
-    python -m results.compare output/study_fp32 output/study_bf16 --rows pixel ema --labels fp32 bf16
+    python -m report_figures.compare output/study_fp32 output/study_bf16 --rows pixel ema --labels fp32 bf16
 
-Reads A/NAME/seedS and B/NAME/seedS (reproduce.py's layout, results/study.collect_study) and
+Reads A/NAME/seedS and B/NAME/seedS (reproduce.py's layout, report_figures/study.collect_study) and
 prints a markdown table: per row, probe best acc@1, kNN acc, the last pretraining epoch's loss
 and the pretraining seconds under A and B, and B - A paired over the seeds both have (the seed
 fixes init, data order and masks, so the pairs differ only by the changed setting). Under the
@@ -14,8 +14,8 @@ line on stderr (util/runfiles.py).
 import os
 from typing import Dict, List, Optional
 
-from results.runs import mean_std
-from results.study import COST, LOSS, cell, collect_study
+from report_figures.runs import mean_std
+from report_figures.study import COST, LOSS, cell, collect_study
 from util.errors import ArgumentParser, UserError, cli
 from util.runfiles import read_yaml
 

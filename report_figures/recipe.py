@@ -3,15 +3,15 @@ configs/PLAN/plan.yaml (study, ablation, schedule): pretrain -> linear probe on 
 kNN, on Fashion-MNIST with a small model and a 6,000-image training subset (docs/RESULTS.md); the
 rows in plan.yaml's `finetune_rows` also get a short fine-tuning (at the longest budget).
 reproduce.py runs the commands; a plan with budgets (schedule) runs every row at each budget with
-the values of results.schedule.scale_to_budget.
+the values of report_figures.schedule.scale_to_budget.
 """
 import os
 import re
 from typing import Dict, List, Optional
 
 from models_arch import ARCHS, MAE_PREFIX
-from results.plans import plan_budgets, uses_study_recipe
-from results.schedule import budget_dir, scale_to_budget
+from report_figures.plans import plan_budgets, read_yaml, uses_study_recipe
+from report_figures.schedule import budget_dir, scale_to_budget
 from util.errors import UserError
 
 STUDY_STAGES = ("pretrain", "linprobe")
@@ -73,19 +73,54 @@ def other_runs(pretrain: dict, args, seed: int, budget: Optional[int]) -> dict:
             for k, v in pretrain.items() if isinstance(v, str) and ROW_RUN.search(v)}
 
 
-def study_args(row, stage: str, seed: int, args, budget: Optional[int] = None) -> List[str]:
-    """The flags of one stage (pretrain / linprobe / finetune) of a study-recipe plan: the shared recipe + the
-    row's options (reproduce.Row); with a budget, the epochs and epoch-counted options of
-    scale_to_budget."""
+SMOKE = os.path.join("configs", "smoke.yaml")
+FULL_EVAL = {"finetune": os.path.join("configs", "finetune.yaml"),
+             "linprobe": os.path.join("configs", "linprobe.yaml")}
+SCRIPTS = {"pretrain": "main_pretrain.py", "finetune": "main_finetune.py", "linprobe": "main_linprobe.py"}
+STAGES = ("pretrain", "finetune", "linprobe")
+
+
+def stage_command(row, stage: str, seed: int, args, budget: Optional[int] = None) -> List[str]:
+    """argv (without the interpreter) of one stage of a plan row (reproduce.Row): the script,
+    its --config, where it starts (evaluation stages), the recipe's values (`_study_values` or
+    `_report_values`), then the run directory, seed, data and the flags every stage shares."""
     rdir = run_dir(args, row.name, seed, budget)
+    study = uses_study_recipe(row.plan)
+    cmd = [SCRIPTS[stage]]
+    if stage == "pretrain":
+        cmd += ["--config", row.config]
+    elif not study:  # the report's evaluation recipes are files; the study's are values
+        cmd += ["--config", SMOKE if args.scale == "smoke" else FULL_EVAL[stage]]
+    if stage != "pretrain":
+        cmd += ["--from_scratch"] if row.scratch else ["--finetune", os.path.join(rdir, "pretrain", "checkpoint-last.pth")]
+    values = _study_values(row, stage, seed, args, budget) if study else _report_values(row, stage, args)
+    cmd += flags(values) + ["--output_dir", os.path.join(rdir, stage), "--seed", str(seed)]
+    cmd += ["--data_path", args.data_path] if args.data_path else []
+    return cmd + flags({"device": args.device or None, "precision": args.precision or None})
+
+
+def _report_values(row, stage: str, args) -> dict:
+    """The report plan: its rows' files and the scripts' defaults are the recipe; at scale smoke,
+    configs/smoke.yaml's values, the epoch-counted k / wse capped by the smoke run's."""
+    if stage != "pretrain" or args.scale != "smoke":
+        return {}
+    smoke = read_yaml(SMOKE)
+    vals = {k: v for k, v in smoke.items() if k not in STAGES}
+    for k, v in (smoke.get("pretrain") or {}).items():
+        # k / wse: the smoke value caps the row's (they must stay below the 2 epochs)
+        vals[k] = min(v, row.pretrain[k]) if k in row.pretrain and isinstance(v, int) else v
+    return vals
+
+
+def _study_values(row, stage: str, seed: int, args, budget: Optional[int] = None) -> dict:
+    """A study-recipe plan: the shared recipe + the row's options; with a budget, the epochs and
+    epoch-counted options of scale_to_budget."""
     vals = {"dataset": args.dataset, "train_subset": args.train_subset, **STUDY_RECIPE[stage]}
     if args.scale == "smoke":
         vals.update(STUDY_SMOKE[stage])
     if args.model:  # the probe reads the same encoder (models_vit name = models_mae name - "mae_")
         vals["model"] = args.model if stage == "pretrain" else args.model[len(MAE_PREFIX):]
-    cmd: List[str] = []
     if stage == "pretrain":
-        cmd += ["--config", row.config]
         vals.update({k: v for k, v in STUDY_PINNED.items() if k not in row.pretrain})
         vals.update(other_runs(row.pretrain, args, seed, budget))
         if budget:
@@ -96,15 +131,9 @@ def study_args(row, stage: str, seed: int, args, budget: Optional[int] = None) -
             for k in _EPOCH_OPTS:
                 if k in row.pretrain:
                     vals[k] = min(int(row.pretrain[k]), 1)
-    else:
-        if args.probe_epochs and stage == "linprobe":
-            vals["epochs"] = args.probe_epochs
-        if row.scratch:
-            cmd += ["--from_scratch"]
-        else:
-            cmd += ["--finetune", os.path.join(rdir, "pretrain", "checkpoint-last.pth")]
-    cmd += flags(vals)
-    return cmd + ["--output_dir", os.path.join(rdir, stage), "--seed", str(seed), "--data_path", args.data_path]
+    elif args.probe_epochs and stage == "linprobe":
+        vals["epochs"] = args.probe_epochs
+    return vals
 
 
 def check_study_flags(args) -> None:
