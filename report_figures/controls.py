@@ -13,11 +13,15 @@ writes controls_results.md and controls.png into the runs folder (or --out).
 import os
 from typing import Dict, List, Optional
 
+from report_figures.plans import load_plan
 from report_figures.schedule import _add_flops, budget_dir
 from report_figures.study import DELTAS, FLOPS, cell, collect_study
 from util.errors import ArgumentParser, UserError, cli
 
-REFS = ("pixel", "random")
+# The two references, rows of the schedule plan (configs/schedule/plan.yaml: controls): pixel MAE
+# and the frozen random-init teacher.
+REFS = tuple(load_plan("schedule")["controls"])
+BASE, RANDOM = REFS
 NAMES = {"best_acc1": "probe", "knn_acc": "kNN"}
 
 
@@ -45,14 +49,14 @@ def controls_table(stats: Dict[int, Dict[str, dict]], rows: List[str]) -> str:
     """Markdown: a line per row and budget with seeds, probe, kNN, paired Δ vs each reference and
     the pretraining FLOPs relative to pixel's at that budget."""
     head = (["row", "budget", "seeds", "probe", "kNN"] + [f"Δ {NAMES[k]} vs {r}" for r in REFS for k in DELTAS]
-            + ["FLOPs vs pixel", "beats pixel and random"])
+            + [f"FLOPs vs {BASE}", f"beats {BASE} and {RANDOM}"])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name in rows:
         for b, at in stats.items():
             st = at.get(name)
             if not st or not st["seeds"]:
                 continue
-            pixel_flops = at.get("pixel", {}).get(FLOPS)
+            pixel_flops = at.get(BASE, {}).get(FLOPS)
             ratio = f"{st[FLOPS][0] / pixel_flops[0]:.2f}×" if st.get(FLOPS) and pixel_flops else "-"
             verdict = "-" if name in REFS else ("yes" if all(beats(st, r) for r in REFS) else "no")
             lines.append("| " + " | ".join(
@@ -63,18 +67,18 @@ def controls_table(stats: Dict[int, Dict[str, dict]], rows: List[str]) -> str:
 
 def plot_controls(stats: Dict[int, Dict[str, dict]], rows: List[str], path: str) -> None:
     """Paired Δ probe (left) and Δ kNN (right) vs the random teacher, a bar per row and budget,
-    error bars = paired std; the dashed line is pixel MAE's Δ vs random at that budget."""
+    error bars = paired std (pixel MAE's bar included)."""
     from report_figures.plots import pyplot  # here: matplotlib is only needed for the figure
     plt = pyplot()
     budgets = list(stats)
-    shown = [n for n in rows if n != "random" and any(stats[b].get(n, {}).get("seeds") for b in budgets)]
+    shown = [n for n in rows if n != RANDOM and any(stats[b].get(n, {}).get("seeds") for b in budgets)]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(shown), 3.6), sharey=False)
     width = 0.8 / max(len(budgets), 1)
     for ax, k in zip(axes, DELTAS):
         for j, b in enumerate(budgets):
             xs, ms, sds = [], [], []
             for i, n in enumerate(shown):
-                d = stats[b].get(n, {}).get(f"d_random_{k}")
+                d = stats[b].get(n, {}).get(f"d_{RANDOM}_{k}")
                 if d is not None:
                     xs.append(i + (j - (len(budgets) - 1) / 2) * width)
                     ms.append(d[0])
@@ -83,7 +87,7 @@ def plot_controls(stats: Dict[int, Dict[str, dict]], rows: List[str], path: str)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels(shown, rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"Δ {NAMES[k]} vs random teacher (paired)", fontsize=9)
+        ax.set_title(f"Δ {NAMES[k]} vs {RANDOM} (paired)", fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

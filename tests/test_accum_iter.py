@@ -107,6 +107,7 @@ def pretrain(data, tmp_path, name, sizes, accum, optimizer="sgd", **options):
 EMA_STEP = dict(target="ema", wse=0, ema_every="step", tau=0.8, tau_end=0.95)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(target="pixel"), EMA_STEP], ids=["pixel", "ema_step"])
 def test_micro_batches_of_b_times_2_train_as_batches_of_2b(data, tmp_path, options):
     """2 epochs of 8 x 8 images: accum 2 (4 optimizer steps an epoch) against 4 x 16, accum 1.
@@ -127,6 +128,7 @@ def test_without_the_1_over_k_scale_the_comparison_fails(data, tmp_path, monkeyp
     assert max_diff(weights(acc), weights(big)) > 1e-3
 
 
+@pytest.mark.slow
 def test_adamw_counts_one_step_per_group_and_the_lr_follows_optimizer_steps(data, tmp_path):
     """The real optimizer: AdamW's own step count is batches / K; lr set at each group's start
     gives the schedule of the big-batch run (epoch + i/n at i = 0, 2, 4, 6 of 8 = 0, 1, 2, 3 of 4)."""
@@ -208,6 +210,7 @@ def sigterm_at_batch(monkeypatch, n: int):
     sigterm_during(monkeypatch, Pretraining, n)
 
 
+@pytest.mark.slow
 def test_a_stop_waits_for_the_group_end_and_resumes_exactly(cifar_root, tmp_path, monkeypatch, capsys):
     """main_pretrain --accum_iter 2 (smoke: 5 batches an epoch = groups 2, 2, 1): a SIGTERM in
     the first micro-batch of epoch 1 checkpoints after its second; the rerun equals a straight run."""

@@ -12,6 +12,8 @@ import engine_pretrain
 from conftest import ROOT
 from target_encoder import self_contained
 
+pytestmark = pytest.mark.slow  # every test here runs whole scripts or processes
+
 
 def load_benchmark(name: str = "throughput"):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))

@@ -51,6 +51,7 @@ def _poison(entry, name, value, n):
     return edit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,flag", LOADERS)
 @pytest.mark.parametrize("ckpt_name,entry,name,value,n,holds", [
     ("checkpoint-last.pth", "model", "encoder.blocks.1.attn.qkv.weight", float("nan"), 12, "12 NaN"),

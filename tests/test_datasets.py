@@ -39,6 +39,7 @@ def test_fashion_mnist_idx_reader(tmp_path):
         read_fashion_mnist(str(tmp_path), train=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["in_memory", "torchvision"])
 def test_fashion_mnist_pretrain_and_probe(tmp_path, loader):
     root = write_fake_fashion_mnist(str(tmp_path / "fm"), n_train=160, n_test=64)

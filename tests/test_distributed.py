@@ -9,6 +9,8 @@ import torch
 
 from conftest import ROOT, SMOKE
 
+pytestmark = pytest.mark.slow  # every test here runs whole scripts or processes
+
 ARGS = ["--target", "ema", "--wse", "1", "--ema_every", "step", "--tau", "0.8", "--lr", "0.00125"]
 
 

@@ -29,6 +29,7 @@ def log_lines(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end(cifar_root, tmp_path, pretrain_ckpt):
     run_main("main_finetune", *smoke_args(cifar_root, tmp_path, "--finetune", pretrain_ckpt))
     r = results(tmp_path)
@@ -42,6 +43,7 @@ def test_finetune_end_to_end(cifar_root, tmp_path, pretrain_ckpt):
     assert (ft - pre).abs().max() < 0.05 * pre.abs().max()
 
 
+@pytest.mark.slow
 def test_finetune_resume_continues_own_run(cifar_root, tmp_path, pretrain_ckpt):
     args = smoke_args(cifar_root, tmp_path, "--finetune", pretrain_ckpt)
     run_main("main_finetune", *args, "--epochs", "1", "--warmup_epochs", "0")
@@ -148,6 +150,7 @@ def test_knn_separable_toy_is_perfect():
     assert knn_accuracy(train, train_y, test, (test_y + 1) % 5, 5) == 0.0
 
 
+@pytest.mark.slow
 def test_knn_monitor_logged_during_pretraining(cifar_root, tmp_path):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--knn_every", "1"))
     log = log_lines(tmp_path)

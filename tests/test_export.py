@@ -64,6 +64,7 @@ def pretrained(request, cifar_root, tmp_path_factory):
     return request.param, os.path.join(out, "checkpoint-last.pth")
 
 
+@pytest.mark.slow
 def test_pretraining_run_exports_and_loads_in_timm(pretrained, tmp_path, capsys):
     target, ckpt_path = pretrained
     run_main("export_weights", ckpt_path, "--out", tmp_path)

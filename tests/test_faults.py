@@ -48,6 +48,7 @@ def test_signal_sets_stop_request():
         stop.restore()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_stop_mid_epoch_then_resume_equals_uninterrupted(precision, cifar_root, tmp_path, monkeypatch, capsys):
     """Stopped at step 2 of epoch 1 (after the switch to features) and resumed with the same
@@ -73,6 +74,7 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(precision, cifar_root, 
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(cifar_root, tmp_path, monkeypatch):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0"))
     good = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
@@ -140,6 +142,7 @@ def test_skip_nonfinite_stops_once_the_budget_is_spent(cifar_root, tmp_path, mon
                     says=("non-finite loss at epoch 1, step 2", "the most --skip_nonfinite 2 allows"))
 
 
+@pytest.mark.slow
 def test_different_config_in_same_output_dir_is_refused(cifar_root, tmp_path, capsys):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0"))
     with pytest.raises(SystemExit) as e:
@@ -188,6 +191,7 @@ def test_checkpoint_of_another_script_is_refused(cifar_root, tmp_path, capsys):
     assert e.value.code == 2 and "cannot resume linprobe" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch, capsys):
     args = ("--from_scratch", "--epochs", "2", "--warmup_epochs", "1", "--aa", "", "--reprob", "0")
     run_main("main_finetune", *smoke_args(cifar_root, tmp_path / "straight", *args))
@@ -207,6 +211,7 @@ def test_finetune_stop_mid_epoch_then_resume_equals_uninterrupted(cifar_root, tm
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_finetune_nan_stops_without_saving(cifar_root, tmp_path, monkeypatch):
     import engine_finetune
     real = engine_finetune.evaluate
@@ -226,6 +231,7 @@ def test_finetune_nan_stops_without_saving(cifar_root, tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoint-last.pth").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_epoch_and_keeps_the_last_checkpoint(cifar_root, tmp_path, monkeypatch):
     import engine_finetune
     real = engine_finetune.Classification.train_step
@@ -242,6 +248,7 @@ def test_nan_loss_stops_naming_the_epoch_and_keeps_the_last_checkpoint(cifar_roo
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_rerun_after_an_option_was_added_continues(cifar_root, tmp_path, capsys):
     """A run saved before an option existed ran as its default: rerunning the command after the
     upgrade continues it; asking for another value of the new option is a different run."""

@@ -34,6 +34,7 @@ def test_separate_decoder_feeds_only_the_feature_head():
         create_model("mae_vit_smoke_patch4", feature_decoder="twin")
 
 
+@pytest.mark.slow
 def test_pretraining_with_a_separate_feature_decoder(cifar_root, tmp_path):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--target", "ema", "--wse", "1",
                                           "--feature_decoder", "separate", "--pixel_weight", "1"))

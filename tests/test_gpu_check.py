@@ -2,7 +2,11 @@
 import importlib.util
 import os
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here runs whole scripts or processes
 
 
 def test_gpu_check_runs_on_cpu(tmp_path, capsys):

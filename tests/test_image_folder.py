@@ -200,6 +200,7 @@ def test_unreadable_file_mid_epoch_is_one_line_naming_it(tmp_path, workers):
 
 # ---- in memory: held at input_size, refused when it would not fit ----------------------------
 
+@pytest.mark.slow
 def test_in_memory_image_folder_is_held_at_input_size(folder):
     cfg = _cfg(PretrainConfig, folder, model="mae_vit_smoke_patch16")
     cfg.data_loader = "in_memory"

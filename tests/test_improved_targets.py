@@ -111,6 +111,7 @@ def test_dual_uses_one_online_forward_and_both_targets():
     assert torch.allclose(loss, l_ema + 0.2 * l_k, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dual_end_to_end_and_resume_keeps_snapshot(cifar_root, tmp_path):
     args = ("--target", "dual", "--wse", "1", "--k", "1", "--epochs", "3", "--tau_end", "0.999",
             "--ema_every", "step", "--target_layers", "2", "--target_norm", "layernorm")

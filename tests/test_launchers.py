@@ -65,6 +65,7 @@ def image_folder(tmp_path_factory):
     return write_fake_image_folder(str(tmp_path_factory.mktemp("folder")), n_per_class=40)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,sig,extra,data", [
     ("main_finetune.py", signal.SIGTERM, (), "cifar"),  # fine-tuning's torchvision loader
     ("main_pretrain.py", signal.SIGINT, ("--data_loader", "torchvision"), "cifar"),
@@ -94,6 +95,7 @@ def test_group_stop_with_workers_saves_and_exits_like_a_stop_of_the_main_process
     assert epochs_logged(out) == list(range(done))
 
 
+@pytest.mark.slow
 def test_second_run_on_a_directory_is_refused_and_a_killed_run_leaves_no_lock(cifar_root, tmp_path):
     """Two runs on one --output_dir: the second gets one line naming the holder (exit 2) and
     changes nothing; after kill -9 of the first, the next run starts (resuming its checkpoint)."""
@@ -116,6 +118,7 @@ def test_second_run_on_a_directory_is_refused_and_a_killed_run_leaves_no_lock(ci
     assert epochs_logged(out) == list(range(done + 1))  # every epoch once
 
 
+@pytest.mark.slow
 def test_the_same_stop_delivered_twice_still_saves(cifar_root, tmp_path):
     """systemd's cgroup kill or Slurm's scancel plus reproduce.py's forwarding: two SIGTERMs a
     moment apart are one stop; the run saves and exits 143 rather than dying on the second."""

@@ -185,6 +185,7 @@ print(seen["estimate"] / peak)
 """
 
 
+@pytest.mark.slow
 def test_estimate_bounds_the_real_peak(cifar_root, tmp_path):
     """The report's model, 2 training steps in a fresh process: the estimate is at least the real
     peak RSS growth and within 2x of it (module docstring: 1.1-1.25 at batch 64-512)."""

@@ -39,6 +39,7 @@ def test_two_masks_are_the_mean_of_two_single_mask_losses_with_one_target_pass(k
     assert calls == ([4, 4, 4] if kind == "ema" else [])  # one teacher pass per loss, not per view
 
 
+@pytest.mark.slow
 def test_pretraining_with_two_masks(cifar_root, tmp_path):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--target", "ema", "--wse", "1", "--num_masks", "2"))
     with open(tmp_path / "log.txt") as f:

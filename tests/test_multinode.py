@@ -46,6 +46,7 @@ def node(rank: int, port: int, run_id: str, *args) -> list:
             "--rdzv_id", run_id, "--rdzv_conf", "join_timeout=120", "main_pretrain.py", *args]
 
 
+@pytest.mark.slow
 def test_two_nodes_train_as_one_process_with_their_summed_batch(cifar_root, tmp_path):
     """2 nodes x batch 8 x accum_iter 2 against 1 process x batch 16 x accum_iter 2: each
     optimizer step sees the same 32 images with the same masks and augmentations (the in-memory

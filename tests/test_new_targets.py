@@ -38,6 +38,7 @@ def doubled_ema():
     del TARGETS["ema_doubled"]
 
 
+@pytest.mark.slow
 def test_a_kind_of_another_width_pretrains_through_main_pretrain(doubled_ema, cifar_root, tmp_path):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--target", "ema_doubled", "--precision", "fp32"))
     head = ckpt(tmp_path)["model"]["decoder_pred_feat.weight"]
@@ -83,6 +84,7 @@ def test_hog_is_float32_under_bf16_autocast():
     assert out.dtype == torch.float32 and torch.allclose(out, hog_features(img, 4))
 
 
+@pytest.mark.slow
 def test_hog_pretrains_then_finetunes_probes_and_exports(cifar_root, tmp_path):
     pre = tmp_path / "pre"
     run_main("main_pretrain", *smoke_args(cifar_root, pre, "--target", "hog", "--precision", "fp32"))
@@ -108,6 +110,7 @@ def random_run(cifar_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_teacher_from_the_random_runs_file_equals_the_random_run(random_run, cifar_root, tmp_path):
     """The loader's check: the random teacher, written out and read back as --teacher, trains
     exactly as --target random did (same seed, same student init, same targets)."""
@@ -118,6 +121,7 @@ def test_teacher_from_the_random_runs_file_equals_the_random_run(random_run, cif
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_teacher_of_another_width_and_input_size(cifar_root, tmp_path, capsys):
     """A wider teacher (the report's tiny encoder, 192 wide) trained at 32x32, for a student at
     64x64 on the same 16x16 grid... of patch 4 at 64: its positions are resampled 8x8 -> 16x16."""
@@ -156,6 +160,7 @@ def test_a_changed_teacher_file_is_refused_on_resume(random_run, cifar_root, tmp
     assert e.value.code == 2 and "not the file this run was trained with" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hog", "teacher"])
 def test_stop_mid_epoch_then_resume_equals_uninterrupted(kind, random_run, cifar_root, tmp_path, monkeypatch):
     args = ("--target", kind, "--epochs", 2, "--precision", "fp32",
@@ -172,6 +177,7 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(kind, random_run, cifar
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hog", "teacher"])
 def test_compiled_run_of_each_new_kind(kind, random_run, cifar_root, tmp_path):
     args = ("--target", kind, "--epochs", 1, "--warmup_epochs", 0, "--precision", "fp32", "--compile",
@@ -181,6 +187,7 @@ def test_compiled_run_of_each_new_kind(kind, random_run, cifar_root, tmp_path):
     assert math.isfinite(record["loss"]) and record["compiled_graphs"] >= 1
 
 
+@pytest.mark.slow
 def test_feature_similarity_of_a_hog_run_is_computed(cifar_root, tmp_path):
     """The report's figure of target similarity reads any kind's target (no teacher network)."""
     from report_figures.model_figures import feature_similarity_figure

@@ -81,6 +81,7 @@ def test_auto_resolves_to_fp32_without_native_bf16_and_bf16_with_it(monkeypatch,
     assert "precision: bf16 (auto)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resolved_precision_is_saved_and_kept_on_resume(cifar_root, tmp_path, monkeypatch):
     monkeypatch.setattr(util.runtime, "fast_bf16", lambda device: True)  # as on a CPU with AVX512-BF16
     args = smoke_args(cifar_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0")
@@ -92,6 +93,7 @@ def test_resolved_precision_is_saved_and_kept_on_resume(cifar_root, tmp_path, mo
     assert ckpt["epoch"] == 2 and ckpt["config"]["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_compiled_pretraining_through_the_switch_resumes_exactly(cifar_root, tmp_path, monkeypatch):
     """torch.compile on CPU (inductor, C++): the run crosses the switch epoch (new heads, new
     graphs, counted in the log) and, stopped at the boundary and resumed, equals the straight run."""

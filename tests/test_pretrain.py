@@ -17,6 +17,7 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["pixel", "mae_k", "ema"])
 def test_smoke_run_per_target(cifar_root, tmp_path, target):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--target", target))
@@ -37,6 +38,7 @@ def test_smoke_run_per_target(cifar_root, tmp_path, target):
     assert os.listdir(tmp_path / "tensorboard")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,extra", [("ema", ["--wse", "1", "--tau", "0.9"]),
                                           ("mae_k", ["--k", "2"])])
 def test_resume_is_exact(cifar_root, tmp_path, target, extra):
@@ -60,6 +62,7 @@ def test_resume_is_exact(cifar_root, tmp_path, target, extra):
     assert any(not torch.equal(online[k], v) for k, v in a["target"].items())
 
 
+@pytest.mark.slow
 def test_rerun_same_command_resumes_from_output_dir(cifar_root, tmp_path):
     args = smoke_args(cifar_root, tmp_path, "--target", "ema", "--epochs", "3")
     run_main("main_pretrain", *args[:-2], "--epochs", "2")
@@ -67,6 +70,7 @@ def test_rerun_same_command_resumes_from_output_dir(cifar_root, tmp_path):
     assert [r["epoch"] for r in read_log(tmp_path)] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_target_sees_the_same_augmented_tensor(cifar_root, tmp_path, monkeypatch):
     seen = {"model": [], "target": []}
     import models_mae
@@ -139,6 +143,7 @@ def test_config_unknown_key_and_wrong_type(cifar_root, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_missing_data_subprocess_one_line_no_traceback(tmp_path):
     """A real process: no traceback, one line naming the path, exit 2."""
     missing = tmp_path / "nowhere" / "cifar"

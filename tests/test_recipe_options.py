@@ -142,6 +142,7 @@ def test_token_health_effective_rank():
     assert token_health(iso.bfloat16())["target_erank"] > 0.9 * 32
 
 
+@pytest.mark.slow
 def test_pretraining_logs_the_options_and_the_health_signal(cifar_root, tmp_path):
     out = tmp_path / "run"
     run_main("main_pretrain", *smoke_args(cifar_root, out, "--target", "ema", "--wse", "1", "--wd_norm_bias",

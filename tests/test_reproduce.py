@@ -67,6 +67,7 @@ def smoke_plan(cifar_root, tmp_path_factory):
     return {"runs": runs, "figs": figs, "common": common, "interrupted": interrupted, "pre_log": pre_log}
 
 
+@pytest.mark.slow
 def test_smoke_plan_end_to_end(smoke_plan):
     runs, figs = smoke_plan["runs"], smoke_plan["figs"]
     for row in ROWS:
@@ -109,6 +110,7 @@ def test_rerun_skips_finished_stages(smoke_plan, monkeypatch):
     assert {p: (os.path.getmtime(p), len(_log(p))) for p in logs} == before
 
 
+@pytest.mark.slow
 def test_stage_without_results_resumes_in_a_subprocess(smoke_plan):
     """A real subprocess: the finished probe lost its results.json; the runner reruns the
     command, the script finds its checkpoint at the last epoch and only rewrites results.json."""
@@ -121,6 +123,7 @@ def test_stage_without_results_resumes_in_a_subprocess(smoke_plan):
         assert json.load(f)["epochs"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", ["full", "smoke"])
 def test_dry_run_commands_parse(scale, monkeypatch, tmp_path):
     cmds = _dry_run("--plan", "report", "--scale", scale, "--seeds", "2", "--data_path", str(tmp_path))
@@ -209,6 +212,7 @@ def fmnist(tmp_path_factory):
     return write_fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")), n_train=64, n_test=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to_group", [False, True], ids=["kill-pid", "kill-group"])
 def test_stop_signal_is_passed_to_the_stage(to_group, fmnist, tmp_path, monkeypatch, capsys):
     """SIGTERM to reproduce.py alone (kill PID), or to its whole process group (scancel, timeout,

@@ -34,6 +34,7 @@ def ema_run(cifar_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_resume_into_a_new_directory_continues_the_checkpoints_method(ema_run, cifar_root, tmp_path, capsys):
     """`--resume RUN_EMA/checkpoint-last.pth --output_dir NEW`, the method's flags not repeated:
     the run continues EMA-MAE (not the defaults' pixel MAE) and says which settings it kept."""
@@ -63,6 +64,7 @@ def test_resume_cannot_change_the_architecture(ema_run, cifar_root, tmp_path, ca
     assert not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.slow
 def test_rerun_into_a_directory_with_another_method_is_refused(ema_run, cifar_root, tmp_path, capsys):
     """Rerunning into a run's own directory with a flag set to another value: another experiment."""
     out = tmp_path / "run"
@@ -91,6 +93,7 @@ def test_a_refused_start_leaves_nothing(problem, cifar_root, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_options_that_cannot_act_are_named(cifar_root, tmp_path, capsys):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path / "pixel", "--tau", "0.9", "--stage_reset",
                                           "--epochs", 1, "--warmup_epochs", 0))
@@ -103,6 +106,7 @@ def test_options_that_cannot_act_are_named(cifar_root, tmp_path, capsys):
     assert "note: --target ema does not read k: ignored" in out  # smoke.yaml's k; tau and the ramp act
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_across_a_refresh_logs_it_as_the_straight_run(cifar_root, tmp_path, monkeypatch):
     """MAE-K refreshes at the start of epoch 1; stopped at step 2 of that epoch and resumed, the
     epoch's log line still says target_refreshed: true."""

@@ -46,6 +46,7 @@ def test_sigterm_saves_then_exits_128_plus_signal(cifar_root, tmp_path, monkeypa
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+@pytest.mark.slow
 def test_interrupted_epoch_logs_what_an_uninterrupted_one_does(cifar_root, tmp_path, monkeypatch):
     finetune(cifar_root, tmp_path / "straight")
     sigterm_at_step(monkeypatch, 6)
@@ -61,6 +62,7 @@ def test_interrupted_epoch_logs_what_an_uninterrupted_one_does(cifar_root, tmp_p
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_crash_after_the_commit_point_is_completed_by_a_rerun(cifar_root, tmp_path, monkeypatch):
     """Killed after checkpoint-last.pth marks the run finished but before checkpoint-2.pth, the
     last log line and results.json exist: the rerun writes what is missing."""
@@ -82,6 +84,7 @@ def test_crash_after_the_commit_point_is_completed_by_a_rerun(cifar_root, tmp_pa
     assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_directory_squatting_on_a_checkpoint_is_one_line_then_rerun_completes(cifar_root, tmp_path, capsys):
     (tmp_path / "checkpoint-2.pth").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
@@ -93,6 +96,7 @@ def test_directory_squatting_on_a_checkpoint_is_one_line_then_rerun_completes(ci
     assert os.path.isfile(tmp_path / "checkpoint-2.pth") and len(read_log(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_leaves_no_temporary_files(cifar_root, tmp_path, monkeypatch, capsys):
     finetune(cifar_root, tmp_path, "--epochs", "1", "--warmup_epochs", "0")
     good = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
@@ -124,6 +128,7 @@ def test_stale_temporary_files_of_killed_runs_are_swept(cifar_root, tmp_path):
     assert not list(tmp_path.glob(".write_probe*"))
 
 
+@pytest.mark.slow
 def test_foreign_resume_into_a_directory_holding_another_run_is_refused(cifar_root, tmp_path, capsys):
     finetune(cifar_root, tmp_path / "a", "--epochs", "1", "--warmup_epochs", "0")
     finetune(cifar_root, tmp_path / "b", "--epochs", "1", "--warmup_epochs", "0", "--seed", "1")
@@ -135,6 +140,7 @@ def test_foreign_resume_into_a_directory_holding_another_run_is_refused(cifar_ro
     assert (tmp_path / "b" / "log.txt").read_text() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_yaml", [None, "", "seed: [unterminated"])
 def test_guard_reads_the_checkpoint_not_config_yaml(cifar_root, tmp_path, capsys, config_yaml):
     """config.yaml missing, emptied or torn by a kill: the checkpoint's config still guards the run."""

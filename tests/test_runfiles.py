@@ -190,6 +190,7 @@ def test_logger_rewind_repairs_a_cut_off_last_line_only(tmp_path):
     assert path.read_text() == "3\n" + LOG  # untouched (the old reader cut the log at the bad line)
 
 
+@pytest.mark.slow
 def test_rerun_after_a_kill_mid_write_repairs_the_log(cifar_root, tmp_path, capsys):
     """A run killed while appending its log line: the rerun rewinds the log to its checkpoint and
     goes on; a malformed line elsewhere stops it in one line, exit 2."""

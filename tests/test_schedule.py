@@ -103,6 +103,7 @@ def test_a_finetune_row_that_is_not_a_row_is_one_line(monkeypatch, capsys):
     assert e.value.code == 2 and "finetune_rows pixle not in its rows" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_dry_run_commands_parse_at_every_budget(monkeypatch, tmp_path, teacher_file):
     cmds = _dry_run("--plan", "schedule", "--seeds", "2", "--budgets", "8", "32", "--data_path", str(tmp_path))
     pretrained = [r for r in PLAN if r != "scratch"]
@@ -167,6 +168,7 @@ def test_bad_schedule_flags_are_one_line(argv, says, capsys):
     assert e.value.code == 2 and says in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_schedule_smoke_table(tmp_path, monkeypatch):
     """Two tiny budgets, two rows, one seed, on a generated Fashion-MNIST: runs land in
     ROW/budgetB/seed0, and the table, JSON and figure carry every row at every budget."""

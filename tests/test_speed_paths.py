@@ -11,6 +11,7 @@ def losses(out):
         return [json.loads(line)["loss"] for line in f]
 
 
+@pytest.mark.slow
 def test_in_memory_and_torchvision_pretrain_alike(cifar_root, tmp_path):
     runs = {}
     for loader in ("in_memory", "torchvision"):

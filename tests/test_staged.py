@@ -2,6 +2,7 @@
 and --stage_reset (the student restarts from a fresh initialisation at each new stage)."""
 import json
 
+import pytest
 import torch
 
 from config import PretrainConfig
@@ -50,6 +51,7 @@ def test_stage_reset_restarts_the_student():
     assert torch.count_nonzero(model.decoder_pred.bias) == 0  # initialize_weights' zero biases
 
 
+@pytest.mark.slow
 def test_staged_pretraining_with_stage_reset_runs(cifar_root, tmp_path):
     run_main("main_pretrain", *smoke_args(cifar_root, tmp_path, "--target", "staged", "--k", "1", "--stage_reset"))
     with open(tmp_path / "log.txt") as f:

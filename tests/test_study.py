@@ -24,6 +24,7 @@ def _dry_run(*argv):
     return [shlex.split(line) for line in buf.getvalue().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_study_smoke_table(tmp_path, monkeypatch):
     data = write_fake_fashion_mnist(str(tmp_path / "fmnist"))
     runs, figs = str(tmp_path / "runs"), str(tmp_path / "figs")

@@ -90,6 +90,7 @@ def test_no_other_file_names_a_target_kind():
     assert not found
 
 
+@pytest.mark.slow
 def test_a_new_kind_pretrains_through_main_pretrain(cifar_root, tmp_path, negated_ema, monkeypatch):
     """One class plus one registry line: --target accepts it, training regresses its target,
     and the log and the checkpoint carry it."""
@@ -113,6 +114,7 @@ def test_an_unregistered_kind_is_refused(cifar_root, tmp_path, capsys):
     assert e.value.code == 2 and "ema_negated" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_random_pretrains_from_a_frozen_initial_encoder(cifar_root, tmp_path):
     """--target random: features from epoch 0, the teacher is the online encoder as initialised
     (the seed fixes it) in every checkpoint, and a resumed run ends exactly where the straight one does."""

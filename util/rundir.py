@@ -135,6 +135,8 @@ def _release(key: str, output_dir: str, path: str, created: bool) -> None:
 # What every run saved before an option existed resolved it to, where that is not the option's
 # default (fine-tuning/probing --input_size 0 means "the pretraining run's": it was 32).
 LEGACY_VALUES = {"input_size": 32}
+# Saved as the values a run used, which (unless set) are its dataset's (config.resolve).
+DATASET_STATS = ("norm_mean", "norm_std")
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -163,7 +165,8 @@ def adopt_checkpoint_config(cfg, ckpt: Dict[str, Any], path: str, explicit: bool
         raise UserError(f"{cfg.output_dir} holds a run with a different config "
                         f"({_changes(saved, now, given)}); use a new --output_dir, or --resume {last} to "
                         f"continue it with these settings")
-    adopted = [k for k in differ if k not in cfg.given]
+    # the input statistics follow the dataset: recorded for the checkpoint's, not adopted for another
+    adopted = [k for k in differ if k not in cfg.given and not (k in DATASET_STATS and "dataset" in given)]
     for k in adopted:
         setattr(cfg, k, saved[k])
     if "lr" not in cfg.given:  # set by --lr then: kept; derived: derived again from blr and batch
