@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import yaml
 import torch
 
 import util.trainer
@@ -42,6 +43,10 @@ def test_resume_into_a_new_directory_continues_the_checkpoints_method(ema_run, c
     run_main("main_pretrain", "--data_path", cifar_root, "--resume", ckpt, "--output_dir", tmp_path, "--epochs", 3)
     out = capsys.readouterr().out
     assert f"continuing {ckpt} as it ran" in out and "target 'ema'" in out and "tau 0.9" in out
+    line = next(x for x in out.splitlines() if "as it ran" in x)
+    assert "print_freq" not in line and "save_freq" not in line  # adopted (below), not worth a word
+    with open(tmp_path / "config.yaml") as f:
+        assert yaml.safe_load(f)["print_freq"] == 2  # configs/smoke.yaml's, as the run ran
     [record] = log(tmp_path)
     assert record["epoch"] == 2 and record["target"] == "ema" and record["regress"] == "feature"
     saved = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["config"]

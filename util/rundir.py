@@ -31,6 +31,8 @@ LOCAL_KEYS = {"config", "resume", "output_dir", "data_path", "num_workers", "dev
 # Keys that may change between invocations of one run without changing what it computes
 # (--epochs extends a run); taken from the checkpoint when the command does not set them.
 NEUTRAL_KEYS = LOCAL_KEYS | {"print_freq", "save_freq", "epochs", "compile", "skip_nonfinite"}
+# Adopted without a word: how often a run logs and saves changes nothing it computes.
+BOOKKEEPING = ("print_freq", "save_freq")
 # Keys a resumed run cannot change: the checkpoint's weights are shaped by them.
 SHAPE_KEYS = ("model", "input_size", "feature_decoder")
 # The inputs of the derived lr (RunConfig.resolve).
@@ -177,9 +179,10 @@ def adopt_checkpoint_config(cfg, ckpt: Dict[str, Any], path: str, explicit: bool
         else:
             cfg.lr = None
             cfg.resolve(world_size=dist.world())
-    if adopted:
+    said = [k for k in adopted if k not in BOOKKEEPING]
+    if said:
         print(f"continuing {path} as it ran (not set by this command): "
-              f"{', '.join(f'{k} {saved[k]!r}' for k in adopted)}")
+              f"{', '.join(f'{k} {saved[k]!r}' for k in said)}")
     if given:
         print(f"continuing {path} with changed settings: {_changes(saved, now, given)}")
 
