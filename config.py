@@ -63,13 +63,6 @@ def choices_of(f: dataclasses.Field) -> Optional[Tuple[Any, ...]]:
     return None if spec is None else tuple(spec)
 
 
-def __getattr__(name: str) -> Any:
-    """`from config import DATASETS` still works; the list lives in dataio.datasets."""
-    if name == "DATASETS":
-        return importlib.import_module("dataio.datasets").DATASETS
-    raise AttributeError(f"module 'config' has no attribute {name!r}")
-
-
 @dataclass
 class RunConfig:
     """Flags every script shares: data, optimisation schedule, run bookkeeping."""

@@ -64,7 +64,6 @@ from util.signals import STOP_SIGNALS
 # small Fashion-MNIST recipe that fits a 2-core CPU): the improvement study, the ablation and the
 # schedule-length plan.
 PLANS: Dict[str, List[str]] = {plan: plan_rows(plan) for plan in PLAN_NAMES}
-REPORT_PLAN, STUDY_PLAN = PLANS["report"], PLANS["study"]
 def _path_arg(p: str) -> str:
     """Paths handed to the scripts (which run with cwd = repo root): relative to the repo when
     inside it, else absolute, so the user's working directory does not matter."""

@@ -65,10 +65,12 @@ def test_choice_lists_belong_to_their_module(cls, name, module, attr):
     assert choices_of(f) == tuple(owned)
 
 
-def test_config_reexports_the_dataset_list():
+def test_config_reads_the_dataset_list_from_dataio():
+    """One source of truth: --dataset's choices are dataio.datasets.DATASETS, not a copy."""
     import dataio.datasets
-    assert config.DATASETS is dataio.datasets.DATASETS
-    assert "DATA_LOADERS" not in vars(config) and "DATASETS" not in vars(config)
+    field = next(f for f in dataclasses.fields(config.RunConfig) if f.name == "dataset")
+    assert config.choices_of(field) == tuple(dataio.datasets.DATASETS)
+    assert not hasattr(config, "DATASETS") and "DATA_LOADERS" not in vars(config)
 
 
 def test_a_target_registered_at_runtime_is_a_choice(tmp_path, monkeypatch):

@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import run_main, smoke_args
-from config import DATASETS
-from dataio.datasets import (STATS, dataset_stats, load_dataset, read_cifar10, read_cifar100, read_fashion_mnist,
-                           read_image_folder)
+from dataio.datasets import (DATASETS, STATS, dataset_stats, load_dataset, read_cifar10, read_cifar100,
+                             read_fashion_mnist, read_image_folder)
 from util.errors import UserError
 from dataio.fake import write_fake_cifar100, write_fake_fashion_mnist, write_fake_image_folder
 

@@ -127,7 +127,7 @@ def test_stage_without_results_resumes_in_a_subprocess(smoke_plan):
 @pytest.mark.parametrize("scale", ["full", "smoke"])
 def test_dry_run_commands_parse(scale, monkeypatch, tmp_path):
     cmds = _dry_run("--plan", "report", "--scale", scale, "--seeds", "2", "--data_path", str(tmp_path))
-    n_rows = len(reproduce.REPORT_PLAN)
+    n_rows = len(reproduce.PLANS["report"])
     assert len(cmds) == 2 * (3 * n_rows - 1)  # scratch has no pretraining stage
     monkeypatch.chdir(ROOT)
     seen = {}
