@@ -527,7 +527,7 @@ def build_parser(cls: type, defaults: Dict[str, Any], prog: Optional[str] = None
     (argparse.SUPPRESS), so `parse_config` knows which values the command line set;
     `defaults` (defaults < YAML) only appear in --help."""
     parser = ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0],
-                     argument_default=argparse.SUPPRESS)
+                            argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for title, names in help_groups(cls):
