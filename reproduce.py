@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Tuple
 
 from report_figures.plans import (PLAN_NAMES, ROOT, plan_dir, plan_finetune_rows, plan_rows, row_config,
                                   uses_study_recipe)
-from report_figures.recipe import (STAGES, STUDY_DATA, STUDY_STAGES, check_study_flags, run_dir,
+from report_figures.recipe import (STAGES, STUDY_DATA, STUDY_STAGES, check_study_flags, run_dir, shared_flags,
                                    stage_command)
 from report_figures.recipe import flags as _flags
 from util.errors import ArgumentParser, UserError, cli
@@ -90,11 +90,6 @@ class Row:
         if uses_study_recipe(self.plan):
             return (STUDY_STAGES[1:] if self.scratch else STUDY_STAGES) + (("finetune",) if finetune else ())
         return STAGES[1:] if self.scratch else STAGES
-
-
-def _shared_flags(args) -> List[str]:
-    """Flags reproduce.py hands to every stage unchanged."""
-    return _flags({"device": args.device or None, "precision": args.precision or None})
 
 
 def configured_epochs(stage: str, argv: List[str]) -> int:
@@ -260,7 +255,7 @@ def check_args(args) -> List[str]:
         raise UserError(f"configs/{args.plan}/plan.yaml: finetune_rows {', '.join(stray)} not in its rows")
     if args.device or args.precision:  # the scripts' own rules, checked now rather than at the first stage
         from config import SECTIONS, parse_config
-        parse_config(SECTIONS["pretrain"], "pretrain", _shared_flags(args))
+        parse_config(SECTIONS["pretrain"], "pretrain", shared_flags(args))
     _check_folder("--output_root", args.output_root)
     if args.figures_dir:
         _check_folder("--figures_dir", args.figures_dir)

@@ -117,8 +117,7 @@ def engine_step(cfg, images, labels, device, steps_per_epoch: int):
     if cfg.compile:
         torch._dynamo.reset()  # fresh graphs per measured variant: never the recompile limit's eager fallback
     torch.manual_seed(0)
-    engine = build_engine(cfg, device, (images, labels, 10), CIFAR10_MEAN, CIFAR10_STD,
-                                        steps_per_epoch)
+    engine = build_engine(cfg, device, (images, labels, 10), CIFAR10_MEAN, CIFAR10_STD, steps_per_epoch)
     epoch = engine.target.switch_epoch or 0
     engine.begin_epoch(epoch, resumed=False)  # creates the target encoder (and compiles it with --compile)
     guard, count = NonFiniteGuard(), itertools.count(1)

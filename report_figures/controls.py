@@ -14,7 +14,7 @@ import os
 from typing import Dict, List, Optional
 
 from report_figures.plans import load_plan
-from report_figures.schedule import _add_flops, budget_dir
+from report_figures.schedule import add_flops, budget_dir
 from report_figures.study import DELTAS, FLOPS, cell, collect_study
 from util.errors import ArgumentParser, UserError, cli
 
@@ -32,7 +32,7 @@ def collect_controls(runs_root: str, rows: List[str], budgets: List[int]) -> Dic
     for b in budgets:
         names = list(dict.fromkeys(list(REFS) + rows))
         out[b] = collect_study(runs_root, names, list(REFS), subdir=budget_dir(b))
-        _add_flops(out[b], runs_root, b)
+        add_flops(out[b], runs_root, b)
     return out
 
 
@@ -117,6 +117,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", nargs="+", required=True)
     ap.add_argument("--out", default="", help="where the table and figure go (default: RUNS)")
     args = ap.parse_args(argv)
+    unknown = [r for r in args.rows if r not in load_plan("schedule")["rows"]]
+    if unknown:
+        raise UserError(f"--rows {' '.join(unknown)}: not rows of configs/schedule/plan.yaml")
     written = write_controls(args.runs, args.rows, args.budgets, args.out or None)
     with open(written[0]) as f:
         print(f.read())

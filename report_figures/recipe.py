@@ -96,7 +96,12 @@ def stage_command(row, stage: str, seed: int, args, budget: Optional[int] = None
     values = _study_values(row, stage, seed, args, budget) if study else _report_values(row, stage, args)
     cmd += flags(values) + ["--output_dir", os.path.join(rdir, stage), "--seed", str(seed)]
     cmd += ["--data_path", args.data_path] if args.data_path else []
-    return cmd + flags({"device": args.device or None, "precision": args.precision or None})
+    return cmd + shared_flags(args)
+
+
+def shared_flags(args) -> List[str]:
+    """The flags reproduce.py hands to every stage unchanged."""
+    return flags({"device": args.device or None, "precision": args.precision or None})
 
 
 def _report_values(row, stage: str, args) -> dict:

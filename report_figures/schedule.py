@@ -127,7 +127,7 @@ def _equal_cost(row: dict, at_budget: Dict[int, dict], ref: str, budget: int, co
                                        if k in v and at_eq.get(s) is not None])
 
 
-def _add_flops(stats: Dict[str, dict], runs_root: str, budget: int) -> None:
+def add_flops(stats: Dict[str, dict], runs_root: str, budget: int) -> None:
     """Each run's pretraining FLOPs (report_figures.flops) into collect_study's stats of one budget (its
     seeds' files were read, and found well-formed, by collect_study)."""
     from report_figures.flops import pretrain_flops  # here: it builds models (torch); a dry run needs none
@@ -157,7 +157,7 @@ def collect_schedule(runs_root: str, names: List[str], budgets: List[int], ref: 
     for b in sorted(set(budgets) | set(measured_budgets(runs_root, ref))):
         rows = list(dict.fromkeys([ref] + (names if b in budgets else [])))
         at_budget[b] = collect_study(runs_root, rows, [ref], subdir=budget_dir(b))
-        _add_flops(at_budget[b], runs_root, b)
+        add_flops(at_budget[b], runs_root, b)
     out: Dict[str, dict] = {name: {} for name in names}
     for name in names:
         for b in budgets:

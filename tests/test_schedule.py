@@ -332,6 +332,12 @@ def test_controls_table_pairs_each_row_with_pixel_and_the_random_teacher(tmp_pat
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["pixel", "random", "mae_k", "hog"]
     assert [line.split("|")[-2].strip() for line in lines[2:]] == ["-", "-", "yes", "no"]
     assert "+2.10 ± 0.10" in lines[4]  # mae_k - random, probe: 2.0, 2.1, 2.2
-    with pytest.raises(SystemExit):  # nothing finished at 64: one line, exit 2
-        controls.main([str(tmp_path), "--budgets", "64", "--rows", "mae_k"])
-    assert "no finished probe" in capsys.readouterr().err
+    for argv, says in ((["--budgets", "64", "--rows", "mae_k"], "no finished probe"),  # nothing at 64
+                       (["--budgets", "32", "--rows", "mae_kk"], "not rows of configs/schedule/plan.yaml")):
+        with pytest.raises(SystemExit) as e:
+            controls.main([str(tmp_path), *argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and says in err and len(err.splitlines()) == 1
+    controls.main([str(tmp_path), "--budgets", "32", "--rows", "mae_k", "hog", "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig" / "controls.png").stat().st_size > 0
+    assert "| mae_k | 32 | 3 |" in (tmp_path / "fig" / "controls_results.md").read_text()

@@ -51,6 +51,22 @@ def test_registry_holds_every_kind(teacher_file):
         build_target(PretrainConfig(target="banana"))
 
 
+def test_frozen_archs_are_the_teachers_each_kind_holds(teacher_file):
+    """Target.frozen_archs (what util/memory.py counts before any work) against the encoders a run
+    of each kind actually holds once its teachers exist: same number, same widths and depths."""
+    from models_mae import arch_of
+    for name in TARGETS:
+        cfg = PretrainConfig(target=name, model="mae_vit_smoke_patch4", epochs=4, k=1, wse=1,
+                             **kind_options(name, teacher_file))
+        online = create_model(cfg.model).encoder
+        target = build_target(cfg)
+        for epoch in range(3):
+            target.on_epoch_start(epoch, online)
+        held = [(t.embed_dim, len(t.blocks)) for t in target.teachers() if t is not None]
+        said = [(a.embed_dim, a.depth) for a in TARGETS[name].frozen_archs(cfg, arch_of(cfg.model))]
+        assert held == said, name
+
+
 @pytest.mark.parametrize("kind,wse,k,epochs,error", [
     ("ema", 0, 10, 1, None), ("ema", 1, 10, 1, r"wse must be in \[0, epochs"),
     ("ema", -1, 10, 5, r"wse must be in \[0, epochs"), ("dual", 5, 2, 5, r"wse must be in \[0, epochs"),
